@@ -1,0 +1,1657 @@
+#!/usr/bin/env python3
+"""webhookd: runs a sentiment model on submitted text and tells the client by signed webhook.
+
+    pip install -r requirements.txt
+    python webhookd.py            # serve on http://127.0.0.1:8000, data in ./webhookd.db
+    python webhookd.py receive    # a verifying receiver on http://127.0.0.1:9000/callback
+    pytest                        # the test suite
+
+A client POSTs {"text", "webhook_url"} to /predict and gets a job id at once. Inference
+workers fed by an asyncio.Queue run the model; the delivery engine POSTs the result to the
+webhook URL, signed with HMAC-SHA256 twice (X-Signature over the body, and Standard Webhooks'
+webhook-signature), retrying with exponential backoff. Jobs, the delivery schedule and every
+attempt live in SQLite, so a crash loses nothing that was accepted.
+
+Security: webhook URLs on loopback, private, link-local (cloud metadata), multicast, reserved
+or unspecified addresses are refused unless --allow-private-urls is given, both when the URL
+is a literal address and when a host name resolves there. Anyone who can reach this service
+can make it send HTTP requests: expose it only with --api-key. The signing secret and the API
+key are never put in a response or a log line.
+
+The contract this follows is CONTRACT.md of the webhookd project; README.md documents it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import datetime as dt
+import email.utils
+import hashlib
+import heapq
+import hmac
+import importlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import socket
+import sqlite3
+import sys
+import time
+from collections import Counter, OrderedDict, defaultdict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import aiosqlite
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("webhookd")
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_TEXT_CHARS = 10_000
+MAX_URL_CHARS = 2048
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+IDEMPOTENCY_KEY_LIFETIME = 24 * 3600.0
+JOB_FIELDS = ("text", "webhook_url", "retry_policy")
+USER_AGENT = f"webhookd/{__version__}"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try a delivery again: retry k waits base * factor^(k-1), jittered, capped."""
+
+    max_retries: int = 3
+    backoff_base: float = 1.0
+    backoff_factor: float = 2.0
+    backoff_max: float = 3600.0
+    backoff_jitter: float = 0.0
+
+    def overridden(self, overrides: dict[str, Any] | None) -> RetryPolicy:
+        """This policy with a job's own retry_policy fields on top."""
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the service is told at start-up, from flags and WEBHOOKD_* variables."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db: str = "webhookd.db"
+    workers: int = 4
+    secrets: tuple[str, ...] = ()  # empty: a secret generated once and kept in the db
+    retry: RetryPolicy = RetryPolicy()
+    timeout: float = 10.0
+    max_in_flight: int = 256
+    allow_private_urls: bool = False
+    api_key: str | None = None
+    model: str = "vader"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        problems = [
+            message
+            for failed, message in (
+                (self.workers < 1, "--workers must be at least 1"),
+                (not 0 < self.timeout <= 3600, "--timeout must be between 0 and 3600 seconds"),
+                (self.max_in_flight < 1, "--max-in-flight must be at least 1"),
+                (self.retry.max_retries < 0, "--max-retries must be 0 or more"),
+                (not 0 < self.retry.backoff_base <= 3600, "--backoff-base must be in (0, 3600]"),
+                (not 1 <= self.retry.backoff_factor <= 10, "--backoff-factor must be in [1, 10]"),
+                (self.retry.backoff_max <= 0, "--backoff-max must be positive"),
+                (not 0 <= self.retry.backoff_jitter <= 1, "--backoff-jitter must be in [0, 1]"),
+                (self.log_level not in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}"),
+                (self.api_key == "", "--api-key must not be empty"),
+            )
+            if failed
+        ]
+        for secret in self.secrets:
+            try:
+                signing_key(secret)
+            except ValueError as exc:
+                problems.append(f"--secret: {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+# ---------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id              TEXT PRIMARY KEY,
+    text            TEXT NOT NULL,
+    webhook_url     TEXT,
+    retry_policy    TEXT,              -- the job's own overrides, JSON
+    status          TEXT NOT NULL,     -- processing | completed | failed
+    result          TEXT,              -- JSON
+    error           TEXT,
+    created_at      REAL NOT NULL,
+    completed_at    REAL,
+    idempotency_key TEXT,              -- kept for IDEMPOTENCY_KEY_LIFETIME, then cleared
+    request_hash    TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_idempotency_key
+    ON jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id          TEXT PRIMARY KEY,
+    url             TEXT NOT NULL,
+    payload         BLOB NOT NULL,     -- the exact bytes every attempt sends
+    status          TEXT NOT NULL,     -- pending | retrying | delivered | failed
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    round_start     INTEGER NOT NULL DEFAULT 0,  -- attempts made before this round
+    next_attempt_at REAL,              -- the durable schedule: set while pending or retrying
+    last_error      TEXT,
+    failed_at       REAL
+);
+CREATE INDEX IF NOT EXISTS dead_letter
+    ON deliveries (failed_at) WHERE status = 'failed';
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id      TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    at          REAL NOT NULL,
+    status_code INTEGER,
+    error       TEXT,
+    duration_ms REAL NOT NULL,
+    PRIMARY KEY (job_id, attempt)
+) WITHOUT ROWID;
+"""
+
+Statement = tuple[str, Sequence[Any]]
+
+
+@dataclass(slots=True)
+class Job:
+    """A text to run the model on, and where to send the result."""
+
+    id: str
+    text: str
+    webhook_url: str | None
+    retry_policy: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One job's webhook: the bytes to send and how far its attempts have got."""
+
+    job_id: str
+    url: str
+    payload: bytes
+    attempts: int
+    round_start: int
+    policy: RetryPolicy
+
+
+class Store:
+    """The SQLite database: one connection writes, in group commits; another reads."""
+
+    MAX_WRITES_PER_COMMIT = 1000
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._pending: list[tuple[Sequence[Statement], asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._committer = asyncio.create_task(self._commit_forever(), name="webhookd-commit")
+
+    @classmethod
+    async def open(cls, path: str) -> Store:
+        """Open (or create) the database at path, in WAL mode."""
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await writer.execute("PRAGMA journal_mode = WAL")
+            # FULL makes "committed before the 202" true across a power cut, not only a crash;
+            # group commit pays its fsync once per batch.
+            await writer.execute("PRAGMA synchronous = FULL")
+            await writer.execute("PRAGMA busy_timeout = 5000")
+            await writer.executescript(SCHEMA)
+            reader = await aiosqlite.connect(path, isolation_level=None)
+        except BaseException:
+            await writer.close()
+            raise
+        await reader.execute("PRAGMA busy_timeout = 5000")
+        return cls(writer, reader)
+
+    async def close(self) -> None:
+        """Commit what is pending, then close both connections."""
+        self._closing = True
+        self._wake.set()
+        await asyncio.gather(self._committer, return_exceptions=True)
+        await self._reader.close()
+        await self._writer.close()
+
+    async def write(self, *statements: Statement) -> None:
+        """Run statements in one transaction, shared with other writers; return once committed."""
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((statements, done))
+        self._wake.set()
+        await done
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        """Rows of a query, as committed."""
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        rows = await self.fetch(sql, params)
+        return rows[0] if rows else None
+
+    async def _commit_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[: self.MAX_WRITES_PER_COMMIT]
+                del self._pending[: self.MAX_WRITES_PER_COMMIT]
+                await self._commit(batch)
+            if self._closing:
+                return
+
+    async def _commit(self, batch: list[tuple[Sequence[Statement], asyncio.Future[None]]]) -> None:
+        try:
+            await self._transaction([statements for statements, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0][1], exc)
+                return
+            # One bad write must not fail the others it happened to share a commit with.
+            for one in batch:
+                await self._commit([one])
+            return
+        for _, done in batch:
+            _settle(done, None)
+
+    async def _transaction(self, writes: list[Sequence[Statement]]) -> None:
+        # Grouping equal statements into one executemany keeps the round trips to the
+        # sqlite thread per commit constant. It reorders statements across writes, which is
+        # safe because writes in flight together never touch the same row.
+        grouped: dict[str, list[Sequence[Any]]] = defaultdict(list)
+        for statements in writes:
+            for sql, params in statements:
+                grouped[sql].append(params)
+        await self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, rows in grouped.items():
+                await self._writer.executemany(sql, rows)
+            await self._writer.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await self._writer.execute("ROLLBACK")
+            raise
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    """ISO-8601 UTC with a Z, as the contract writes times."""
+    if timestamp is None:
+        return None
+    moment = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json_or_none(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+# ---------------------------------------------------------------------------
+# Signing
+# ---------------------------------------------------------------------------
+
+SIGNATURE_TOLERANCE = 300  # Standard Webhooks: receivers reject timestamps 5 minutes off
+
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a secret: base64-decoded after whsec_, else its UTF-8 bytes."""
+    if not secret:
+        raise ValueError("a secret must not be empty")
+    if not secret.startswith("whsec_"):
+        return secret.encode()
+    try:
+        key = base64.b64decode(secret[len("whsec_"):], validate=True)
+    except binascii.Error:
+        raise ValueError("a whsec_ secret must be base64 after the prefix") from None
+    if not key:
+        raise ValueError("a whsec_ secret must not be empty after the prefix")
+    return key
+
+
+def generate_secret() -> str:
+    """A new random secret in the Standard Webhooks format."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+class Signer:
+    """Signs webhook bodies with every current secret."""
+
+    def __init__(self, secrets_: Iterable[str]) -> None:
+        self._macs = [hmac.new(signing_key(s), digestmod=hashlib.sha256) for s in secrets_]
+        if not self._macs:
+            raise ValueError("at least one secret is needed to sign")
+
+    def headers(self, webhook_id: str, payload: bytes, attempt: int, timestamp: int) -> dict[str, str]:
+        """The headers of one attempt: X-Signature with the first secret, webhook-signature with all."""
+        signed = b"%s.%d.%s" % (webhook_id.encode(), timestamp, payload)
+        return {
+            "Content-Type": "application/json",
+            "X-Signature": "sha256=" + self._digest(self._macs[0], payload).hex(),
+            "webhook-id": webhook_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": " ".join(
+                "v1," + base64.b64encode(self._digest(mac, signed)).decode() for mac in self._macs
+            ),
+            "X-Webhook-Attempt": str(attempt),
+        }
+
+    @staticmethod
+    def _digest(mac: hmac.HMAC, message: bytes) -> bytes:
+        # Copying a keyed HMAC skips hashing the key again for every message.
+        mac = mac.copy()
+        mac.update(message)
+        return mac.digest()
+
+
+def verify_x_signature(keys: Iterable[bytes], body: bytes, header: str | None) -> bool:
+    """Whether X-Signature is sha256=<hex HMAC of the raw body> under one of the keys."""
+    return any(
+        hmac.compare_digest(header or "", "sha256=" + hmac.new(k, body, hashlib.sha256).hexdigest())
+        for k in keys
+    )
+
+
+def verify_webhook_signature(keys: Iterable[bytes], body: bytes, headers: Any, now: float) -> str | None:
+    """Why a Standard Webhooks signature does not verify, or None when it does."""
+    webhook_id = headers.get("webhook-id", "")
+    timestamp = headers.get("webhook-timestamp", "")
+    if not webhook_id or not timestamp.isdigit():
+        return "missing webhook-id or webhook-timestamp"
+    if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
+        return "webhook-timestamp is more than 5 minutes away"
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    expected = {base64.b64encode(hmac.new(k, signed, hashlib.sha256).digest()).decode() for k in keys}
+    offered = [entry.partition(",")[2] for entry in headers.get("webhook-signature", "").split()]
+    if any(hmac.compare_digest(o, e) for o in offered for e in expected):
+        return None
+    return "no webhook-signature entry matches"
+
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+Model = Callable[[str], dict[str, Any]]
+SENTIMENTS = ("positive", "negative", "neutral")
+
+
+def vader_model() -> Model:
+    """VADER, with the thresholds its authors recommend (compound >= 0.05 is positive).
+
+    Confidence is how strongly VADER scores the text for the label it got: the size of the
+    compound score for positive or negative, and the neutral share of the text for neutral.
+    """
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+
+    def predict(text: str) -> dict[str, Any]:
+        scores = analyzer.polarity_scores(text)
+        compound = scores["compound"]
+        if compound >= 0.05:
+            return {"sentiment": "positive", "confidence": round(compound, 4)}
+        if compound <= -0.05:
+            return {"sentiment": "negative", "confidence": round(-compound, 4)}
+        return {"sentiment": "neutral", "confidence": round(scores["neu"], 4)}
+
+    return predict
+
+
+def load_model(spec: str) -> Model:
+    """The model named by --model: "vader", or module:callable taking text."""
+    if spec == "vader":
+        return vader_model()
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--model must be 'vader' or module:callable, not {spec!r}")
+    try:
+        model = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--model {spec}: {exc}") from None
+    if not callable(model):
+        raise ValueError(f"--model {spec} is not callable")
+    return model
+
+
+def predict_all(model: Model, texts: list[str]) -> list[dict[str, Any] | Exception]:
+    """Each text's prediction, or the exception it raised; runs in a model thread."""
+    results: list[dict[str, Any] | Exception] = []
+    for text in texts:
+        try:
+            results.append(_checked_prediction(model(text)))
+        except Exception as exc:  # a model's failure is one job's failure, never the worker's
+            results.append(exc)
+    return results
+
+
+def _checked_prediction(prediction: Any) -> dict[str, Any]:
+    if not isinstance(prediction, dict) or prediction.get("sentiment") not in SENTIMENTS:
+        raise ValueError(f"the model returned {prediction!r}, not a sentiment of {SENTIMENTS}")
+    confidence = prediction.get("confidence")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1:
+        raise ValueError(f"the model returned confidence {confidence!r}, not a number in 0..1")
+    return {"sentiment": prediction["sentiment"], "confidence": float(confidence)}
+
+
+# ---------------------------------------------------------------------------
+# Delivery
+# ---------------------------------------------------------------------------
+
+
+def retry_delay(
+    retry: int,
+    policy: RetryPolicy,
+    retry_after: float | None = None,
+    draw: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait before retry number `retry` (from 1), the receiver's Retry-After heard."""
+    delay = policy.backoff_base * policy.backoff_factor ** (retry - 1)
+    delay *= 1 + policy.backoff_jitter * (2 * draw() - 1)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, policy.backoff_max)
+
+
+def retry_schedule(policy: RetryPolicy) -> list[float]:
+    """The waits before each retry of a round, jitter left out: [1, 2, 4] by default."""
+    return [retry_delay(k, policy, draw=lambda: 0.5) for k in range(1, policy.max_retries + 1)]
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds asked for by a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, when.timestamp() - now)
+
+
+class BlockedAddress(OSError):
+    """A webhook URL that leads to an address webhooks may not reach."""
+
+
+def is_blocked_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether an address is loopback, private, link-local, multicast, reserved or unspecified."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if embedded is not None:
+            address = embedded
+    return (
+        not address.is_global
+        or address.is_multicast
+        or address.is_reserved
+        or getattr(address, "is_site_local", False)
+    )
+
+
+def blocked_host(host: str) -> str | None:
+    """Why a URL's host is refused without resolving it, or None; covers every IP spelling."""
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return f"webhook_url host {host!r} is the local machine"
+    address = _literal_address(name)
+    if address is not None and is_blocked_address(address):
+        return f"webhook_url host {host!r} is a private or reserved address ({address})"
+    return None
+
+
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        pass
+    try:
+        # What the socket layer accepts as IPv4 too: 127.1, 2130706433, 0x7f000001, 0177.0.0.1.
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+class PublicResolver(AbstractResolver):
+    """Resolves host names like aiohttp does, then drops the addresses webhooks may not reach.
+
+    The connector connects only to what this returns, so a name that resolves (or rebinds) to
+    a private address cannot be used to reach one.
+    """
+
+    def __init__(self) -> None:
+        self._resolver = aiohttp.DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._resolver.resolve(host, port, family)
+        allowed = [r for r in results if not is_blocked_address(ipaddress.ip_address(r["host"]))]
+        if not allowed:
+            raise BlockedAddress(f"blocked: {host} resolves only to private or reserved addresses")
+        return allowed
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt came to."""
+
+    status_code: int | None
+    error: str | None
+    retry_after: float | None = None
+    final: bool = False  # no retry whatever the policy says (410 Gone, a blocked address)
+
+    @property
+    def success(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+
+class DeliveryEngine:
+    """Sends webhooks: attempts now, retries on their schedule, each receiver given a fair share.
+
+    Every delivery's next attempt time is in the db; in memory there is a heap of (time,
+    job id) for the deliveries waiting for a retry, and the payload only of those about to be
+    sent. Attempts run concurrently up to max_in_flight, and at most a quarter of that goes to
+    one receiver (scheme, host, port), so a receiver that hangs delays nobody else.
+    """
+
+    def __init__(
+        self, config: Config, store: Store, signer: Signer, session: aiohttp.ClientSession, metrics: Metrics
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._signer = signer
+        self._session = session
+        self._metrics = metrics
+        self._per_receiver = max(1, config.max_in_flight // 4)
+        self._timers: list[tuple[float, str]] = []
+        self._timer_wake = asyncio.Event()
+        self._active: set[str] = set()  # job ids with a round under way
+        self._queues: dict[str, deque[Delivery]] = defaultdict(deque)
+        self._busy: Counter[str] = Counter()
+        self._ready: OrderedDict[str, None] = OrderedDict()  # receivers with work and a free slot
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._timer_task: asyncio.Task[None] | None = None
+
+    @property
+    def scheduled(self) -> int:
+        return len(self._timers)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._attempts)
+
+    def start(self, scheduled: Iterable[tuple[float, str]]) -> None:
+        """Take over the schedule found in the db and start the timer."""
+        for when, job_id in scheduled:
+            self.schedule(job_id, when)
+        self._timer_task = asyncio.create_task(self._fire_timers(), name="webhookd-timers")
+
+    async def stop(self) -> None:
+        """Start nothing new; give attempts in flight up to the timeout, then cancel them."""
+        self._stopping = True
+        if self._timer_task:
+            self._timer_task.cancel()
+            await asyncio.gather(self._timer_task, return_exceptions=True)
+        if self._attempts:
+            await asyncio.wait(self._attempts, timeout=self._config.timeout + 1)
+        for task in self._attempts:
+            task.cancel()
+        await asyncio.gather(*self._attempts, return_exceptions=True)
+
+    def is_active(self, job_id: str) -> bool:
+        """Whether a round of attempts for this job is under way."""
+        return job_id in self._active
+
+    def claim(self, job_id: str) -> None:
+        """Mark a round as under way before it is stored, so that no second one starts."""
+        self._active.add(job_id)
+
+    def release(self, job_id: str) -> None:
+        """Undo a claim whose round could not be stored."""
+        self._active.discard(job_id)
+
+    def send(self, delivery: Delivery) -> None:
+        """Attempt a delivery as soon as a slot for its receiver is free."""
+        self._active.add(delivery.job_id)
+        receiver = _receiver(delivery.url)
+        self._queues[receiver].append(delivery)
+        self._mark_ready(receiver)
+        self._start_attempts()
+
+    def schedule(self, job_id: str, when: float) -> None:
+        """Attempt a stored delivery at `when` (Unix seconds)."""
+        self._active.add(job_id)
+        heapq.heappush(self._timers, (when, job_id))
+        self._timer_wake.set()
+
+    async def _fire_timers(self) -> None:
+        while True:
+            now = time.time()
+            due: list[str] = []
+            while self._timers and self._timers[0][0] <= now and len(due) < 500:
+                due.append(heapq.heappop(self._timers)[1])
+            if due:
+                for delivery in await self._load(due):
+                    self.send(delivery)
+                continue
+            self._timer_wake.clear()
+            wait = self._timers[0][0] - now if self._timers else None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), wait)
+
+    async def _load(self, job_ids: list[str]) -> list[Delivery]:
+        marks = ",".join("?" * len(job_ids))
+        rows = await self._store.fetch(
+            "SELECT d.job_id, d.url, d.payload, d.attempts, d.round_start, j.retry_policy"
+            " FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+            f" WHERE d.job_id IN ({marks}) AND d.status IN ('pending', 'retrying')",
+            job_ids,
+        )
+        found = {row[0] for row in rows}
+        self._active.difference_update(set(job_ids) - found)
+        return [
+            Delivery(row[0], row[1], row[2], row[3], row[4],
+                     self._config.retry.overridden(_json_or_none(row[5])))
+            for row in rows
+        ]
+
+    def _mark_ready(self, receiver: str) -> None:
+        if self._queues[receiver] and self._busy[receiver] < self._per_receiver:
+            self._ready[receiver] = None
+
+    def _start_attempts(self) -> None:
+        # Round robin over receivers: each free slot goes to the receiver that waited longest.
+        while self._ready and len(self._attempts) < self._config.max_in_flight and not self._stopping:
+            receiver, _ = self._ready.popitem(last=False)
+            delivery = self._queues[receiver].popleft()
+            self._busy[receiver] += 1
+            task = asyncio.create_task(self._attempt(delivery))
+            self._attempts.add(task)
+            task.add_done_callback(lambda t, r=receiver: self._attempt_done(t, r))
+            self._mark_ready(receiver)
+
+    def _attempt_done(self, task: asyncio.Task[None], receiver: str) -> None:
+        self._attempts.discard(task)
+        self._busy[receiver] -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery attempt crashed", exc_info=task.exception())
+        if self._busy[receiver] == 0 and not self._queues[receiver]:
+            del self._busy[receiver], self._queues[receiver]
+        else:
+            self._mark_ready(receiver)
+        self._start_attempts()
+
+    async def _attempt(self, delivery: Delivery) -> None:
+        number = delivery.attempts + 1
+        started = time.time()
+        clock = time.perf_counter()
+        outcome = await self._post(delivery, number, int(started))
+        duration_ms = (time.perf_counter() - clock) * 1000
+        delivery.attempts = number
+        status, next_attempt_at = self._next_step(delivery, outcome, time.time())
+        await self._store.write(
+            ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms)"
+             " VALUES (?, ?, ?, ?, ?, ?)",
+             (delivery.job_id, number, started, outcome.status_code, outcome.error, duration_ms)),
+            ("UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
+             " failed_at = ? WHERE job_id = ?",
+             (status, number, next_attempt_at, outcome.error,
+              started if status == "failed" else None, delivery.job_id)),
+        )
+        self._metrics.attempt_made(outcome, duration_ms / 1000, dead=status == "failed")
+        _log_attempt(delivery, number, outcome, duration_ms, status, next_attempt_at)
+        if next_attempt_at is None:
+            self._active.discard(delivery.job_id)
+        else:
+            self.schedule(delivery.job_id, next_attempt_at)
+
+    def _next_step(self, delivery: Delivery, outcome: Outcome, now: float) -> tuple[str, float | None]:
+        """The delivery's status after an attempt, and when to try again (None: never)."""
+        if outcome.success:
+            return "delivered", None
+        retry = delivery.attempts - delivery.round_start
+        if outcome.final or retry > delivery.policy.max_retries:
+            return "failed", None
+        return "retrying", now + retry_delay(retry, delivery.policy, outcome.retry_after)
+
+    async def _post(self, delivery: Delivery, number: int, timestamp: int) -> Outcome:
+        if not self._config.allow_private_urls:
+            # aiohttp connects to IP literals without asking the resolver, so check them here.
+            reason = blocked_host(URL(delivery.url).host or "")
+            if reason:
+                return Outcome(None, f"blocked: {reason}", final=True)
+        headers = self._signer.headers(delivery.job_id, delivery.payload, number, timestamp)
+        try:
+            async with self._session.post(
+                delivery.url, data=delivery.payload, headers=headers, allow_redirects=False
+            ) as response:
+                await _drain(response)
+                return _outcome_of(response, timestamp)
+        except asyncio.TimeoutError:
+            return Outcome(None, f"timeout: no complete answer within {self._config.timeout:g}s")
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, BlockedAddress):
+                return Outcome(None, str(exc.os_error), final=True)
+            return Outcome(None, f"connection error: {exc.os_error.strerror or exc.os_error}")
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return Outcome(None, f"{type(exc).__name__}: {exc}")
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    # Reading the answer lets the connection be reused; a receiver that sends more than this
+    # only gets its connection closed.
+    received = 0
+    async for chunk in response.content.iter_chunked(MAX_BODY_BYTES):
+        received += len(chunk)
+        if received > MAX_BODY_BYTES:
+            return
+
+
+def _outcome_of(response: aiohttp.ClientResponse, now: float) -> Outcome:
+    code = response.status
+    if 200 <= code < 300:
+        return Outcome(code, None)
+    if code == 410:
+        return Outcome(code, "HTTP 410 Gone: the receiver asked for no more deliveries", final=True)
+    retry_after = None
+    if code in (429, 503):
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), now)
+    if 300 <= code < 400:
+        return Outcome(code, f"HTTP {code}: redirects are not followed", retry_after)
+    return Outcome(code, f"HTTP {code}", retry_after)
+
+
+def _receiver(url: str) -> str:
+    parsed = URL(url)
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
+
+
+def _log_attempt(
+    delivery: Delivery, number: int, outcome: Outcome, duration_ms: float, status: str, next_at: float | None
+) -> None:
+    if status == "delivered":
+        log.info("attempt %s #%d %s -> %s in %.1f ms; delivered",
+                 delivery.job_id, number, delivery.url, outcome.status_code, duration_ms)
+        return
+    what = outcome.status_code if outcome.error is None else outcome.error
+    then = f"retry in {next_at - time.time():.1f} s" if next_at else "failed, in the dead-letter list"
+    log.warning("attempt %s #%d %s -> %s in %.1f ms; %s",
+                delivery.job_id, number, delivery.url, what, duration_ms, then)
+
+
+def webhook_payload(job_id: str, result: dict[str, Any] | None, error: str | None, completed_at: float) -> bytes:
+    """The webhook body, compact UTF-8 JSON; stored, so every attempt sends the same bytes."""
+    body: dict[str, Any] = {
+        "job_id": job_id,
+        "status": "completed" if error is None else "failed",
+        "result": result,
+        "timestamp": iso_time(completed_at),
+    }
+    if error is not None:
+        body["error"] = error
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# ---------------------------------------------------------------------------
+# Workers
+# ---------------------------------------------------------------------------
+
+
+class InferenceWorkers:
+    """Coroutines that take jobs off the queue, predict, store the result and hand on the webhook.
+
+    The model runs in a thread, so a slow model never blocks the event loop; jobs waiting in the
+    queue go to the thread together, one hop per batch.
+    """
+
+    MAX_BATCH = 64
+
+    def __init__(
+        self, config: Config, store: Store, engine: DeliveryEngine, model: Model, metrics: Metrics
+    ) -> None:
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._config = config
+        self._store = store
+        self._engine = engine
+        self._model = model
+        self._metrics = metrics
+        self._threads = ThreadPoolExecutor(config.workers, thread_name_prefix="webhookd-model")
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, unfinished: Iterable[Job]) -> None:
+        """Queue the jobs a previous run left unfinished, then start the workers."""
+        for job in unfinished:
+            self.queue.put_nowait(job)
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"webhookd-worker-{n}")
+            for n in range(self._config.workers)
+        ]
+
+    async def stop(self) -> None:
+        """Stop the workers; jobs not finished stay `processing` in the db and run next start."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            while len(jobs) < self.MAX_BATCH and not self.queue.empty():
+                jobs.append(self.queue.get_nowait())
+            predictions = await loop.run_in_executor(
+                self._threads, predict_all, self._model, [job.text for job in jobs]
+            )
+            await self._finish(jobs, predictions)
+
+    async def _finish(self, jobs: list[Job], predictions: list[dict[str, Any] | Exception]) -> None:
+        now = time.time()
+        statements: list[Statement] = []
+        deliveries: list[Delivery] = []
+        for job, prediction in zip(jobs, predictions):
+            result, error = (None, f"model error: {prediction}") if isinstance(prediction, Exception) else (prediction, None)
+            statements.append((
+                "UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ? WHERE id = ?",
+                ("completed" if error is None else "failed",
+                 None if result is None else json.dumps(result), error, now, job.id),
+            ))
+            if job.webhook_url:
+                payload = webhook_payload(job.id, result, error, now)
+                statements.append((
+                    "INSERT INTO deliveries (job_id, url, payload, status, next_attempt_at)"
+                    " VALUES (?, ?, ?, 'pending', ?)",
+                    (job.id, job.webhook_url, payload, now),
+                ))
+                policy = self._config.retry.overridden(job.retry_policy)
+                deliveries.append(Delivery(job.id, job.webhook_url, payload, 0, 0, policy))
+            if error:
+                log.warning("job %s failed: %s", job.id, error)
+        await self._store.write(*statements)
+        for job, prediction in zip(jobs, predictions):
+            self._metrics.job_finished(failed=isinstance(prediction, Exception))
+        for delivery in deliveries:
+            self._engine.send(delivery)
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+
+class Metrics:
+    """Counters for /metrics, kept in memory and seeded from the db at start-up."""
+
+    DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self, jobs_by_status: dict[str, int], dead_letter: int) -> None:
+        self.jobs: Counter[str] = Counter({"processing": 0, "completed": 0, "failed": 0})
+        self.jobs.update(jobs_by_status)
+        self.dead_letter = dead_letter
+        self.attempts: Counter[str] = Counter()
+        self._bucket_counts = [0] * len(self.DURATION_BUCKETS)
+        self._duration_sum = 0.0
+        self._duration_count = 0
+
+    def job_accepted(self) -> None:
+        self.jobs["processing"] += 1
+
+    def job_finished(self, failed: bool) -> None:
+        self.jobs["processing"] -= 1
+        self.jobs["failed" if failed else "completed"] += 1
+
+    def attempt_made(self, outcome: Outcome, seconds: float, dead: bool) -> None:
+        self.attempts[_outcome_label(outcome)] += 1
+        self.dead_letter += dead
+        self._duration_sum += seconds
+        self._duration_count += 1
+        for i, bound in enumerate(self.DURATION_BUCKETS):
+            if seconds <= bound:
+                self._bucket_counts[i] += 1
+
+    def render(self, queue_depth: int, scheduled: int, in_flight: int) -> str:
+        """The Prometheus text exposition format, version 0.0.4."""
+        lines = [
+            "# HELP webhookd_jobs Jobs in the db by status.",
+            "# TYPE webhookd_jobs gauge",
+            *(f'webhookd_jobs{{status="{s}"}} {n}' for s, n in sorted(self.jobs.items())),
+            "# HELP webhookd_delivery_attempts_total Delivery attempts since start-up by outcome.",
+            "# TYPE webhookd_delivery_attempts_total counter",
+            *(f'webhookd_delivery_attempts_total{{outcome="{o}"}} {self.attempts[o]}' for o in OUTCOMES),
+            "# HELP webhookd_dead_letter_deliveries Deliveries that failed for good.",
+            "# TYPE webhookd_dead_letter_deliveries gauge",
+            f"webhookd_dead_letter_deliveries {self.dead_letter}",
+            "# HELP webhookd_queue_depth Jobs waiting for an inference worker.",
+            "# TYPE webhookd_queue_depth gauge",
+            f"webhookd_queue_depth {queue_depth}",
+            "# HELP webhookd_deliveries_scheduled Deliveries waiting for a retry.",
+            "# TYPE webhookd_deliveries_scheduled gauge",
+            f"webhookd_deliveries_scheduled {scheduled}",
+            "# HELP webhookd_attempts_in_flight Delivery attempts under way.",
+            "# TYPE webhookd_attempts_in_flight gauge",
+            f"webhookd_attempts_in_flight {in_flight}",
+            "# HELP webhookd_attempt_duration_seconds How long delivery attempts took.",
+            "# TYPE webhookd_attempt_duration_seconds histogram",
+            *(f'webhookd_attempt_duration_seconds_bucket{{le="{b}"}} {n}'
+              for b, n in zip(self.DURATION_BUCKETS, self._bucket_counts)),
+            f'webhookd_attempt_duration_seconds_bucket{{le="+Inf"}} {self._duration_count}',
+            f"webhookd_attempt_duration_seconds_sum {self._duration_sum:.6f}",
+            f"webhookd_attempt_duration_seconds_count {self._duration_count}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+OUTCOMES = ("success", "http_error", "timeout", "connection_error", "blocked")
+
+
+def _outcome_label(outcome: Outcome) -> str:
+    if outcome.success:
+        return "success"
+    if outcome.status_code is not None:
+        return "http_error"
+    error = outcome.error or ""
+    return next((label for label in ("timeout", "blocked") if error.startswith(label)), "connection_error")
+
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Store)
+ENGINE = web.AppKey("engine", DeliveryEngine)
+WORKERS = web.AppKey("workers", InferenceWorkers)
+METRICS = web.AppKey("metrics", Metrics)
+IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict)
+
+
+async def predict(request: web.Request) -> web.Response:
+    """POST /predict: accept a job, commit it, queue it; 202 with its id."""
+    config = request.app[CONFIG]
+    _require_json_content_type(request)
+    fields = parse_json_object(await request.read())
+    job = job_from_fields(fields, config.allow_private_urls)
+    key = _idempotency_key(request)
+    if key is None:
+        await _add_job(request.app, job, None, None)
+        return web.json_response(_accepted(job.id, job.webhook_url is not None), status=202)
+    job_id, registered, replayed = await _add_job_once(request.app, job, key, _request_hash(fields))
+    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    return web.json_response(_accepted(job_id, registered), status=202, headers=headers)
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """GET /jobs/{job_id}: the job, its status and result."""
+    job_id = request.match_info["job_id"]
+    row = await request.app[STORE].fetch_one(
+        "SELECT status, result, error, created_at, completed_at, webhook_url FROM jobs WHERE id = ?",
+        (job_id,),
+    )
+    if row is None:
+        raise web.HTTPNotFound(text=f"no job {job_id!r}")
+    return web.json_response({
+        "job_id": job_id,
+        "status": row[0],
+        "result": _json_or_none(row[1]),
+        "error": row[2],
+        "created_at": iso_time(row[3]),
+        "completed_at": iso_time(row[4]),
+        "webhook_url": row[5],
+    })
+
+
+async def webhook_status(request: web.Request) -> web.Response:
+    """GET /webhooks/{job_id}/status: the delivery's status and every attempt."""
+    job_id = request.match_info["job_id"]
+    store = request.app[STORE]
+    url, delivery = await _find_webhook(store, job_id)
+    status = delivery[0] if delivery else "pending"
+    attempts = await store.fetch(
+        "SELECT attempt, at, status_code, error, duration_ms FROM attempts"
+        " WHERE job_id = ? ORDER BY attempt",
+        (job_id,),
+    )
+    return web.json_response({
+        "job_id": job_id,
+        "webhook_url": url,
+        "delivery_status": status,
+        "next_attempt_at": iso_time(delivery[1]) if delivery else None,
+        "attempts": [
+            {
+                "attempt": number,
+                "timestamp": iso_time(at),
+                "status_code": code,
+                "success": code is not None and 200 <= code < 300,
+                "error": error,
+                "duration_ms": round(duration_ms, 1),
+            }
+            for number, at, code, error, duration_ms in attempts
+        ],
+    })
+
+
+async def dead_letter(request: web.Request) -> web.Response:
+    """GET /webhooks/dead-letter: deliveries that failed for good, newest first."""
+    limit = _limit(request.query.get("limit", "100"))
+    rows = await request.app[STORE].fetch(
+        "SELECT job_id, url, attempts, last_error, failed_at FROM deliveries"
+        " WHERE status = 'failed' ORDER BY failed_at DESC LIMIT ?",
+        (limit,),
+    )
+    return web.json_response({
+        "deliveries": [
+            {"job_id": job_id, "webhook_url": url, "attempts": attempts,
+             "last_error": error, "failed_at": iso_time(failed_at)}
+            for job_id, url, attempts, error, failed_at in rows
+        ]
+    })
+
+
+async def redeliver(request: web.Request) -> web.Response:
+    """POST /webhooks/{job_id}/redeliver: a new round of attempts, same body and webhook-id."""
+    job_id = request.match_info["job_id"]
+    app = request.app
+    _, delivery = await _find_webhook(app[STORE], job_id)
+    engine = app[ENGINE]
+    status = delivery[0] if delivery else "pending"
+    if engine.is_active(job_id) or status in ("pending", "retrying"):
+        raise web.HTTPConflict(text=f"job {job_id} still has a round of attempts under way ({status})")
+    engine.claim(job_id)
+    now = time.time()
+    try:
+        await app[STORE].write((
+            "UPDATE deliveries SET status = 'pending', round_start = attempts, next_attempt_at = ?,"
+            " failed_at = NULL WHERE job_id = ?",
+            (now, job_id),
+        ))
+    except BaseException:
+        engine.release(job_id)
+        raise
+    if status == "failed":
+        app[METRICS].dead_letter -= 1
+    engine.schedule(job_id, now)
+    return web.json_response({"job_id": job_id, "delivery_status": "pending"}, status=202)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: 200 while the service runs."""
+    return web.json_response({
+        "status": "ok",
+        "version": __version__,
+        "queue_depth": request.app[WORKERS].queue.qsize(),
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    app = request.app
+    engine = app[ENGINE]
+    text = app[METRICS].render(app[WORKERS].queue.qsize(), engine.scheduled, engine.in_flight)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every error becomes {"error": ...} JSON; nothing a client sends makes a 5xx."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {h: exc.headers[h] for h in ("Allow", "WWW-Authenticate") if h in exc.headers}
+        return web.json_response({"error": _error_message(request, exc)}, status=exc.status, headers=headers)
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return web.json_response({"error": "internal error; the server log has the details"}, status=500)
+
+
+@web.middleware
+async def require_api_key(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """With --api-key, every endpoint but /healthz needs Authorization: Bearer <key>."""
+    api_key = request.app[CONFIG].api_key
+    if api_key is None or request.path == "/healthz":
+        return await handler(request)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())):
+        raise web.HTTPUnauthorized(
+            text="missing or wrong API key: send Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": 'Bearer realm="webhookd"'},
+        )
+    return await handler(request)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        fields = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise web.HTTPBadRequest(text="body is not UTF-8") from None
+    except RecursionError:
+        raise web.HTTPBadRequest(text="body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=f"body is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise web.HTTPBadRequest(text='body must be a JSON object, like {"text": "...", "webhook_url": "https://..."}')
+    return fields
+
+
+def job_from_fields(fields: dict[str, Any], allow_private_urls: bool) -> Job:
+    """A new job from a validated POST /predict body; a 400 naming the field otherwise."""
+    unknown = sorted(set(fields) - set(JOB_FIELDS))
+    if unknown:
+        raise web.HTTPBadRequest(
+            text=f"unknown field {unknown[0]!r}; allowed fields: {', '.join(JOB_FIELDS)}"
+        )
+    return Job(
+        id="job-" + secrets.token_hex(16),
+        text=_text(fields.get("text")),
+        webhook_url=_webhook_url(fields.get("webhook_url"), allow_private_urls),
+        retry_policy=_retry_policy(fields.get("retry_policy")),
+    )
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        raise web.HTTPBadRequest(text="field 'text' is required")
+    if not isinstance(value, str):
+        raise web.HTTPBadRequest(text="field 'text' must be a string")
+    if not value.strip():
+        raise web.HTTPBadRequest(text="field 'text' must not be empty or only whitespace")
+    if len(value) > MAX_TEXT_CHARS:
+        raise web.HTTPBadRequest(text=f"field 'text' is {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
+    _require_unicode("text", value)
+    return value
+
+
+def _webhook_url(value: Any, allow_private_urls: bool) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise web.HTTPBadRequest(text="field 'webhook_url' must be a string")
+    if len(value) > MAX_URL_CHARS:
+        raise web.HTTPBadRequest(text=f"field 'webhook_url' is longer than {MAX_URL_CHARS} characters")
+    _require_unicode("webhook_url", value)
+    if not value.isprintable() or any(c.isspace() for c in value):
+        raise web.HTTPBadRequest(text="field 'webhook_url' must not contain spaces or control characters")
+    try:
+        url = URL(value)
+        host = url.raw_host
+    except (ValueError, UnicodeError) as exc:
+        raise web.HTTPBadRequest(text=f"field 'webhook_url' is not a valid URL: {exc}") from None
+    if url.scheme not in ("http", "https"):
+        raise web.HTTPBadRequest(text="field 'webhook_url' must be an absolute http:// or https:// URL")
+    if not host:
+        raise web.HTTPBadRequest(text="field 'webhook_url' has no host")
+    if url.user is not None or url.password is not None:
+        raise web.HTTPBadRequest(
+            text="field 'webhook_url' must not contain user:password; receivers verify the signature instead"
+        )
+    reason = None if allow_private_urls else blocked_host(host)
+    if reason:
+        raise web.HTTPBadRequest(
+            text=f"{reason}; for local testing start webhookd with --allow-private-urls"
+        )
+    return value
+
+
+RETRY_POLICY_FIELDS = {  # name: (is an integer, lowest, highest, lowest allowed)
+    "max_retries": (True, 0, 20, True),
+    "backoff_base": (False, 0, 3600, False),
+    "backoff_factor": (False, 1, 10, True),
+}
+
+
+def _retry_policy(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise web.HTTPBadRequest(text="field 'retry_policy' must be an object")
+    for name, number in value.items():
+        if name not in RETRY_POLICY_FIELDS:
+            raise web.HTTPBadRequest(
+                text=f"unknown retry_policy field {name!r}; allowed: {', '.join(RETRY_POLICY_FIELDS)}"
+            )
+        integer, low, high, low_included = RETRY_POLICY_FIELDS[name]
+        kinds = (int,) if integer else (int, float)
+        in_range = (
+            isinstance(number, kinds)
+            and not isinstance(number, bool)
+            and math.isfinite(number)
+            and (low <= number if low_included else low < number)
+            and number <= high
+        )
+        if not in_range:
+            kind = "an integer" if integer else "a number"
+            bounds = f"{low}..{high}" if low_included else f"over {low} and at most {high}"
+            raise web.HTTPBadRequest(text=f"retry_policy.{name} must be {kind}, {bounds}")
+    return value or None
+
+
+def _require_unicode(name: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise web.HTTPBadRequest(text=f"field {name!r} contains an unpaired surrogate (\\ud800-\\udfff)") from None
+
+
+def _require_json_content_type(request: web.Request) -> None:
+    # A missing Content-Type is read as JSON; a declared other type is refused.
+    if "Content-Type" not in request.headers:
+        return
+    content_type = request.content_type
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise web.HTTPUnsupportedMediaType(
+            text=f"body must be JSON with Content-Type: application/json, not {content_type}"
+        )
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not all(" " <= c <= "~" for c in key):
+        raise web.HTTPBadRequest(text="Idempotency-Key must be 1 to 255 printable ASCII characters")
+    return key
+
+
+def _request_hash(fields: dict[str, Any]) -> str:
+    # Hashing the parsed body means a client that re-serialises the same request still matches.
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _accepted(job_id: str, webhook_registered: bool) -> dict[str, Any]:
+    return {"job_id": job_id, "status": "processing", "webhook_registered": webhook_registered}
+
+
+async def _add_job(app: web.Application, job: Job, key: str | None, request_hash: str | None) -> None:
+    """Commit a job, then queue it for the workers."""
+    await app[STORE].write((
+        "INSERT INTO jobs (id, text, webhook_url, retry_policy, status, created_at, idempotency_key,"
+        " request_hash) VALUES (?, ?, ?, ?, 'processing', ?, ?, ?)",
+        (job.id, job.text, job.webhook_url, job.retry_policy and json.dumps(job.retry_policy),
+         time.time(), key, request_hash),
+    ))
+    app[METRICS].job_accepted()
+    app[WORKERS].queue.put_nowait(job)
+
+
+async def _add_job_once(app: web.Application, job: Job, key: str, request_hash: str) -> tuple[str, bool, bool]:
+    """The job an Idempotency-Key stands for, made now or before: (job id, webhook registered, replayed)."""
+    in_progress = app[IDEMPOTENCY_IN_PROGRESS]
+    while key in in_progress:
+        # Two requests with the same new key: the second waits for the first's answer.
+        await asyncio.shield(in_progress[key])
+    first = asyncio.get_running_loop().create_future()
+    in_progress[key] = first
+    try:
+        row = await app[STORE].fetch_one(
+            "SELECT id, webhook_url IS NOT NULL, request_hash FROM jobs WHERE idempotency_key = ?",
+            (key,),
+        )
+        if row is None:
+            await _add_job(app, job, key, request_hash)
+            return job.id, job.webhook_url is not None, False
+    finally:
+        del in_progress[key]
+        first.set_result(None)
+    if row[2] != request_hash:
+        raise web.HTTPUnprocessableEntity(
+            text="this Idempotency-Key was used with a different body; use a new key for a new job"
+        )
+    return row[0], bool(row[1]), True
+
+
+async def _find_webhook(store: Store, job_id: str) -> tuple[str, tuple[str, float | None] | None]:
+    """A job's webhook URL and its delivery (status, next attempt) if the job has finished."""
+    row = await store.fetch_one(
+        "SELECT j.webhook_url, d.status, d.next_attempt_at FROM jobs j"
+        " LEFT JOIN deliveries d ON d.job_id = j.id WHERE j.id = ?",
+        (job_id,),
+    )
+    if row is None:
+        raise web.HTTPNotFound(text=f"no job {job_id!r}")
+    if row[0] is None:
+        raise web.HTTPNotFound(text=f"job {job_id!r} has no webhook_url")
+    return row[0], (row[1], row[2]) if row[1] is not None else None
+
+
+def _limit(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise web.HTTPBadRequest(text="limit must be a whole number from 1 to 1000")
+    return int(value)
+
+
+def _error_message(request: web.Request, exc: web.HTTPException) -> str:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return f"{request.method} is not allowed on {request.path}; use {', '.join(sorted(exc.allowed_methods))}"
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return f"body is larger than the {MAX_BODY_BYTES // 1024} KiB limit"
+    if exc.text is None or exc.text == f"{exc.status}: {exc.reason}":
+        if exc.status == 404:
+            return f"no such endpoint: {request.method} {request.path}"
+        return exc.reason
+    return exc.text
+
+
+# ---------------------------------------------------------------------------
+# The application
+# ---------------------------------------------------------------------------
+
+
+def create_app(config: Config) -> web.Application:
+    """The webhookd application: routes, middleware, and the workers that start and stop with it."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors, require_api_key])
+    app[CONFIG] = config
+    app[IDEMPOTENCY_IN_PROGRESS] = {}
+    app.cleanup_ctx.append(_running)
+    app.router.add_post("/predict", predict)
+    app.router.add_get("/jobs/{job_id}", get_job)
+    app.router.add_get("/webhooks/dead-letter", dead_letter)
+    app.router.add_get("/webhooks/{job_id}/status", webhook_status)
+    app.router.add_post("/webhooks/{job_id}/redeliver", redeliver)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def _running(app: web.Application) -> AsyncIterator[None]:
+    """Open the db, start delivery and the workers; on the way out, stop them in reverse."""
+    config = app[CONFIG]
+    model = load_model(config.model)
+    async with contextlib.AsyncExitStack() as stack:
+        store = await Store.open(config.db)
+        stack.push_async_callback(store.close)
+        signer = Signer(config.secrets or [await _stored_secret(store, config.db)])
+        metrics = Metrics(*await _counts(store))
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=config.max_in_flight,
+                resolver=None if config.allow_private_urls else PublicResolver(),
+            ),
+            timeout=aiohttp.ClientTimeout(total=config.timeout),
+            headers={"User-Agent": USER_AGENT},
+        )
+        stack.push_async_callback(session.close)
+        engine = DeliveryEngine(config, store, signer, session, metrics)
+        engine.start(await _scheduled_deliveries(store))
+        stack.push_async_callback(engine.stop)
+        workers = InferenceWorkers(config, store, engine, model, metrics)
+        workers.start(await _unfinished_jobs(store))
+        stack.push_async_callback(workers.stop)
+        app[STORE], app[ENGINE], app[WORKERS], app[METRICS] = store, engine, workers, metrics
+        pruner = asyncio.create_task(_prune_idempotency_keys(store))
+        stack.callback(pruner.cancel)
+        log.info("webhookd %s: %d jobs to finish, %d deliveries scheduled",
+                 __version__, workers.queue.qsize(), engine.scheduled)
+        yield
+
+
+async def _stored_secret(store: Store, db: str) -> str:
+    row = await store.fetch_one("SELECT value FROM settings WHERE name = 'secret'")
+    if row is not None:
+        return row[0]
+    secret = generate_secret()
+    await store.write(("INSERT INTO settings (name, value) VALUES ('secret', ?)", (secret,)))
+    print(
+        f"webhookd: generated a signing secret and stored it in {db}; it is shown only this once:\n\n"
+        f"    {secret}\n\n"
+        "Receivers verify X-Signature == 'sha256=' + HMAC-SHA256(key, raw body) in hex, where key\n"
+        "is the base64-decoded part after 'whsec_', or use any Standard Webhooks library with the\n"
+        "secret as it is. To watch signed webhooks arrive: python webhookd.py receive\n",
+        flush=True,
+    )
+    return secret
+
+
+async def _counts(store: Store) -> tuple[dict[str, int], int]:
+    jobs = dict(await store.fetch("SELECT status, count(*) FROM jobs GROUP BY status"))
+    dead = await store.fetch_one("SELECT count(*) FROM deliveries WHERE status = 'failed'")
+    return jobs, dead[0] if dead else 0
+
+
+async def _scheduled_deliveries(store: Store) -> list[tuple[float, str]]:
+    rows = await store.fetch(
+        "SELECT next_attempt_at, job_id FROM deliveries WHERE status IN ('pending', 'retrying')"
+    )
+    return [(when, job_id) for when, job_id in rows]
+
+
+async def _unfinished_jobs(store: Store) -> list[Job]:
+    rows = await store.fetch(
+        "SELECT id, text, webhook_url, retry_policy FROM jobs WHERE status = 'processing' ORDER BY created_at"
+    )
+    return [Job(row[0], row[1], row[2], _json_or_none(row[3])) for row in rows]
+
+
+async def _prune_idempotency_keys(store: Store) -> None:
+    while True:
+        await _forget_old_idempotency_keys(store)
+        await asyncio.sleep(3600)
+
+
+async def _forget_old_idempotency_keys(store: Store) -> None:
+    await store.write((
+        "UPDATE jobs SET idempotency_key = NULL, request_hash = NULL"
+        " WHERE idempotency_key IS NOT NULL AND created_at < ?",
+        (time.time() - IDEMPOTENCY_KEY_LIFETIME,),
+    ))
+
+
+# ---------------------------------------------------------------------------
+# The receiver (python webhookd.py receive)
+# ---------------------------------------------------------------------------
+
+
+def create_receiver(keys: list[bytes], fail_first: int = 0, echo: bool = True) -> web.Application:
+    """A receiver for manual tests: verifies both signatures, prints each webhook, lists them."""
+    received: deque[dict[str, Any]] = deque(maxlen=1000)
+    attempts_by_id: Counter[str] = Counter()
+
+    async def callback(request: web.Request) -> web.Response:
+        body = await request.read()
+        webhook_id = request.headers.get("webhook-id", "")
+        attempts_by_id[webhook_id] += 1
+        answer = 500 if attempts_by_id[webhook_id] <= fail_first else 200
+        entry = {
+            "received_at": iso_time(time.time()),
+            "webhook_id": webhook_id,
+            "attempt": request.headers.get("X-Webhook-Attempt"),
+            "x_signature_ok": verify_x_signature(keys, body, request.headers.get("X-Signature")),
+            "webhook_signature_error": verify_webhook_signature(keys, body, request.headers, time.time()),
+            "answered": answer,
+            "body": body.decode("utf-8", "replace"),
+        }
+        received.append(entry)
+        if echo:
+            _print_webhook(entry, bool(keys))
+        return web.json_response({"received": answer == 200}, status=answer)
+
+    async def callbacks(request: web.Request) -> web.Response:
+        return web.json_response({"callbacks": list(received)})
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app.router.add_post("/callback", callback)
+    app.router.add_post("/callback/{tail:.*}", callback)
+    app.router.add_get("/callbacks", callbacks)
+    return app
+
+
+def _print_webhook(entry: dict[str, Any], can_verify: bool) -> None:
+    if not can_verify:
+        verdict = "signatures not checked (no secret)"
+    else:
+        x_sig = "ok" if entry["x_signature_ok"] else "BAD"
+        std = entry["webhook_signature_error"] or "ok"
+        verdict = f"X-Signature {x_sig}, webhook-signature {std}"
+    print(f"[{entry['received_at']}] {entry['webhook_id']} attempt {entry['attempt']}: {verdict};"
+          f" answered {entry['answered']}\n  {entry['body']}", flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, with WEBHOOKD_<OPTION> variables as defaults."""
+    if not argv or argv[0] not in ("serve", "receive"):
+        argv = ["serve", *argv]
+    parser = argparse.ArgumentParser(prog="webhookd.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the service (the default)")
+    _option(serve, "--host", "127.0.0.1", "listen address")
+    _option(serve, "--port", 8000, "listen port (0: any free port; the chosen one is printed)", int)
+    _option(serve, "--db", "webhookd.db", "SQLite file; all jobs, deliveries and attempts live here")
+    _option(serve, "--workers", 4, "inference workers fed by the job queue", int)
+    _option(serve, "--secret", None, "signing secret(s), space separated; default: generated once, kept in the db")
+    _option(serve, "--max-retries", 3, "retries after the first attempt", int)
+    _option(serve, "--backoff-base", 1.0, "seconds before retry 1; retry k waits base * factor^(k-1)", float)
+    _option(serve, "--backoff-factor", 2.0, "growth per retry", float)
+    _option(serve, "--backoff-max", 3600.0, "cap on any single wait, Retry-After included", float)
+    _option(serve, "--backoff-jitter", 0.0, "spread each wait by up to +- this fraction (0..1)", float)
+    _option(serve, "--timeout", 10.0, "seconds one delivery attempt may take, connect to last byte", float)
+    _option(serve, "--max-in-flight", 256, "delivery attempts running at once, across all receivers", int)
+    _flag(serve, "--allow-private-urls", "allow webhook URLs on loopback/private networks (local testing)")
+    _option(serve, "--api-key", None, "require Authorization: Bearer <key> on every endpoint but /healthz")
+    _option(serve, "--model", "vader", "the sentiment model: vader, or module:callable (text -> dict)")
+    _option(serve, "--log-level", "info", "debug, info, warning or error")
+
+    receive = commands.add_parser("receive", help="run a verifying receiver for manual tests")
+    _option(receive, "--host", "127.0.0.1", "listen address")
+    _option(receive, "--port", 9000, "listen port", int)
+    _option(receive, "--secret", None, "the service's secret(s); default: read from --db")
+    _option(receive, "--db", "webhookd.db", "where to find the generated secret when --secret is not given")
+    _option(receive, "--fail-first", 0, "answer 500 to the first N attempts of each webhook", int)
+    return parser.parse_args(argv)
+
+
+def _option(parser: argparse.ArgumentParser, flag: str, default: Any, help: str, type: type = str) -> None:
+    env = "WEBHOOKD_" + flag[2:].upper().replace("-", "_")
+    value = os.environ.get(env, default)
+    parser.add_argument(flag, default=value, type=type, help=f"{help} (env {env}; default {default})")
+
+
+def _flag(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    env = "WEBHOOKD_" + flag[2:].upper().replace("-", "_")
+    default = os.environ.get(env, "").lower() in ("1", "true", "yes", "on")
+    parser.add_argument(flag, action="store_true", default=default, help=f"{help} (env {env})")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The Config of `serve`'s arguments; ValueError says what to fix."""
+    return Config(
+        host=args.host,
+        port=args.port,
+        db=args.db,
+        workers=args.workers,
+        secrets=tuple((args.secret or "").split()),
+        retry=RetryPolicy(args.max_retries, args.backoff_base, args.backoff_factor,
+                          args.backoff_max, args.backoff_jitter),
+        timeout=args.timeout,
+        max_in_flight=args.max_in_flight,
+        allow_private_urls=args.allow_private_urls,
+        api_key=args.api_key,
+        model=args.model,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `serve` or `receive`."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "receive":
+        return _receive(args)
+    try:
+        config = config_from_args(args)
+        load_model(config.model)
+    except ValueError as exc:
+        print(f"webhookd: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        access_log=logging.getLogger("aiohttp.access") if config.log_level == "debug" else None,
+        shutdown_timeout=config.timeout,
+    )
+    return 0
+
+
+def _receive(args: argparse.Namespace) -> int:
+    secrets_ = (args.secret or "").split() or _secret_in_db(args.db)
+    try:
+        keys = [signing_key(s) for s in secrets_]
+    except ValueError as exc:
+        print(f"webhookd receive: --secret: {exc}", file=sys.stderr)
+        return 2
+    if not keys:
+        print("webhookd receive: no --secret and none in the db: signatures will not be checked", flush=True)
+    print(f"webhookd receive: POST webhooks to http://{args.host}:{args.port}/callback;"
+          f" GET /callbacks lists them", flush=True)
+    web.run_app(create_receiver(keys, args.fail_first), host=args.host, port=args.port,
+                access_log=None, print=None)
+    return 0
+
+
+def _secret_in_db(path: str) -> list[str]:
+    if not os.path.exists(path):
+        return []
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        try:
+            row = db.execute("SELECT value FROM settings WHERE name = 'secret'").fetchone()
+        except sqlite3.Error:
+            return []
+    return [row[0]] if row else []
+
+
+if __name__ == "__main__":
+    sys.exit(main())
