@@ -341,8 +341,9 @@ def signing_key(secret: str) -> bytes:
         raise ValueError("a secret must not be empty")
     if not secret.startswith("whsec_"):
         return secret.encode()
+    encoded = secret[len("whsec_"):]
     try:
-        key = base64.b64decode(secret[len("whsec_"):], validate=True)
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except binascii.Error:
         raise ValueError("a whsec_ secret must be base64 after the prefix") from None
     if not key:

@@ -1,0 +1,1079 @@
+"""The checklist webhookd must pass, one group each, then the rest of its contract.
+
+Receivers are real loopback servers (pytest-aiohttp's aiohttp_server); the service is the real
+create_app(), so the db, the workers and the delivery engine start and stop with each test.
+Backoffs are tens of milliseconds; the schedule itself is asserted as a pure function.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+import webhookd
+from webhookd import Config, RetryPolicy, create_app
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+FAST = RetryPolicy(max_retries=3, backoff_base=0.02, backoff_factor=2.0)
+DEADLINE = 15.0  # a hung test fails instead of hanging; never a speed requirement
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------
+# Fixtures: a service, and receivers that record what arrives
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Arrival:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """A loopback webhook receiver; `answers` decides each reply from the arrivals so far."""
+
+    server: Any = None
+    arrivals: list[Arrival] = field(default_factory=list)
+    answers: Callable[[Arrival, int], web.StreamResponse | None] | None = None
+    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def url(self, path: str = "/hook") -> str:
+        return str(self.server.make_url(path))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        arrival = Arrival(request.path, dict(request.headers), await request.read())
+        self.arrivals.append(arrival)
+        async with self._arrived:
+            self._arrived.notify_all()
+        answer = self.answers(arrival, len(self.arrivals)) if self.answers else None
+        if asyncio.iscoroutine(answer):
+            answer = await answer
+        return answer if answer is not None else web.json_response({"ok": True})
+
+    async def wait_for(self, count: int, job_id: str | None = None) -> list[Arrival]:
+        def matching() -> list[Arrival]:
+            return [a for a in self.arrivals if job_id is None or a.json["job_id"] == job_id]
+
+        async with self._arrived:
+            await asyncio.wait_for(self._arrived.wait_for(lambda: len(matching()) >= count), DEADLINE)
+        return matching()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return Config(db=str(tmp_path / "webhookd.db"), port=0, secrets=(SECRET,),
+                  allow_private_urls=True, retry=FAST, timeout=2.0)
+
+
+@pytest.fixture
+async def service(aiohttp_client: AiohttpClient, config: Config) -> TestClient:
+    return await aiohttp_client(create_app(config))
+
+
+@pytest.fixture
+def make_service(aiohttp_client: AiohttpClient, config: Config) -> Callable[..., Any]:
+    async def make(**changes: Any) -> TestClient:
+        return await aiohttp_client(create_app(replace(config, **changes)))
+
+    return make
+
+
+@pytest.fixture
+def make_receiver(aiohttp_server: AiohttpServer) -> Callable[..., Any]:
+    async def make(answers: Callable[[Arrival, int], Any] | None = None) -> Receiver:
+        receiver = Receiver(answers=answers)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", receiver.handle)
+        receiver.server = await aiohttp_server(app)
+        return receiver
+
+    return make
+
+
+@pytest.fixture
+async def receiver(make_receiver: Callable[..., Any]) -> Receiver:
+    return await make_receiver()
+
+
+async def submit(client: TestClient, text: str = "I love this product!", **fields: Any) -> dict[str, Any]:
+    response = await client.post("/predict", json={"text": text, **fields})
+    assert response.status == 202, await response.text()
+    return await response.json()
+
+
+async def wait_until(check: Callable[[], Any], what: str) -> Any:
+    """Poll an async check until it returns something truthy (or fail after DEADLINE)."""
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def delivery_status(client: TestClient, job_id: str) -> dict[str, Any]:
+    response = await client.get(f"/webhooks/{job_id}/status")
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def wait_for_status(client: TestClient, job_id: str, *statuses: str) -> dict[str, Any]:
+    async def reached() -> dict[str, Any] | None:
+        status = await delivery_status(client, job_id)
+        return status if status["delivery_status"] in statuses else None
+
+    return await wait_until(reached, f"delivery of {job_id} to be {statuses}")
+
+
+def answer_status(*codes: int, headers: dict[str, str] | None = None) -> Callable[[Arrival, int], web.Response]:
+    """Answer the n-th arrival with codes[n-1], and 200 once they run out."""
+
+    def answers(arrival: Arrival, n: int) -> web.Response:
+        code = codes[n - 1] if n <= len(codes) else 200
+        return web.Response(status=code, headers=headers if code != 200 else None)
+
+    return answers
+
+
+# ---------------------------------------------------------------------------
+# 1. Jobs accept an optional webhook_url
+# ---------------------------------------------------------------------------
+
+
+async def test_job_with_webhook_url_is_accepted_and_registered(service: TestClient, receiver: Receiver) -> None:
+    accepted = await submit(service, webhook_url=receiver.url())
+    assert accepted["status"] == "processing"
+    assert accepted["webhook_registered"] is True
+    assert accepted["job_id"].startswith("job-") and len(accepted["job_id"]) == 4 + 32
+
+
+async def test_job_without_webhook_url_completes_without_webhook(service: TestClient) -> None:
+    accepted = await submit(service, "This is terrible and I hate it.")
+    assert accepted["webhook_registered"] is False
+
+    async def completed() -> dict[str, Any] | None:
+        job = await (await service.get(f"/jobs/{accepted['job_id']}")).json()
+        return job if job["status"] == "completed" else None
+
+    job = await wait_until(completed, "the job to complete")
+    assert job["result"]["sentiment"] == "negative"
+    assert job["webhook_url"] is None and job["error"] is None
+    assert job["created_at"].endswith("Z") and job["completed_at"].endswith("Z")
+    assert (await service.get(f"/webhooks/{accepted['job_id']}/status")).status == 404
+
+
+async def test_job_is_committed_before_the_202(service: TestClient, config: Config) -> None:
+    accepted = await submit(service)
+    with sqlite3.connect(config.db) as db:
+        row = db.execute("SELECT text FROM jobs WHERE id = ?", (accepted["job_id"],)).fetchone()
+    assert row == ("I love this product!",)
+
+
+# ---------------------------------------------------------------------------
+# 2. The webhook is sent when the job completes
+# ---------------------------------------------------------------------------
+
+
+async def test_webhook_is_sent_when_the_job_completes(service: TestClient, receiver: Receiver) -> None:
+    accepted = await submit(service, webhook_url=receiver.url("/callback"))
+    [arrival] = await receiver.wait_for(1)
+    assert arrival.path == "/callback"
+    assert arrival.json["job_id"] == accepted["job_id"]
+    job = await (await service.get(f"/jobs/{accepted['job_id']}")).json()
+    assert job["status"] == "completed"
+    assert job["result"] == arrival.json["result"]
+    status = await wait_for_status(service, accepted["job_id"], "delivered")
+    assert status["next_attempt_at"] is None
+
+
+async def test_sentiment_labels_follow_vader(service: TestClient, receiver: Receiver) -> None:
+    texts = {"I love this, it is wonderful!": "positive", "This is awful and broken.": "negative",
+             "The box is on the table.": "neutral"}
+    ids = {(await submit(service, text, webhook_url=receiver.url()))["job_id"]: label
+           for text, label in texts.items()}
+    arrivals = await receiver.wait_for(3)
+    for arrival in arrivals:
+        result = arrival.json["result"]
+        assert result["sentiment"] == ids[arrival.json["job_id"]]
+        assert 0 < result["confidence"] <= 1
+
+
+# ---------------------------------------------------------------------------
+# 3. The payload has every field
+# ---------------------------------------------------------------------------
+
+
+async def test_payload_has_every_field_and_the_headers(service: TestClient, receiver: Receiver) -> None:
+    accepted = await submit(service, webhook_url=receiver.url())
+    [arrival] = await receiver.wait_for(1)
+    body = arrival.json
+    assert set(body) == {"job_id", "status", "result", "timestamp"}
+    assert body["status"] == "completed"
+    assert set(body["result"]) == {"sentiment", "confidence"}
+    assert body["timestamp"].endswith("Z")
+    assert arrival.body == json.dumps(body, separators=(",", ":")).encode()  # compact
+    headers = arrival.headers
+    assert headers["Content-Type"] == "application/json"
+    assert headers["User-Agent"] == f"webhookd/{webhookd.__version__}"
+    assert headers["webhook-id"] == accepted["job_id"]
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
+    assert headers["X-Webhook-Attempt"] == "1"
+
+
+async def test_failed_inference_sends_a_failed_webhook(make_service: Callable[..., Any], receiver: Receiver) -> None:
+    service = await make_service(model="test_webhookd:broken_model")
+    accepted = await submit(service, webhook_url=receiver.url())
+    [arrival] = await receiver.wait_for(1)
+    assert arrival.json["status"] == "failed"
+    assert arrival.json["result"] is None
+    assert "the model fell over" in arrival.json["error"]
+    job = await (await service.get(f"/jobs/{accepted['job_id']}")).json()
+    assert job["status"] == "failed" and "the model fell over" in job["error"]
+
+
+def broken_model(text: str) -> dict[str, Any]:
+    raise RuntimeError("the model fell over")
+
+
+def sleepy_model(text: str) -> dict[str, Any]:
+    time.sleep(0.5)
+    return {"sentiment": "neutral", "confidence": 0.5}
+
+
+# ---------------------------------------------------------------------------
+# 4. The signature verifies (both schemes)
+# ---------------------------------------------------------------------------
+
+
+def _key(secret: str) -> bytes:
+    return webhookd.signing_key(secret)
+
+
+async def test_x_signature_is_hmac_sha256_of_the_raw_body(service: TestClient, receiver: Receiver) -> None:
+    await submit(service, webhook_url=receiver.url())
+    [arrival] = await receiver.wait_for(1)
+    expected = "sha256=" + hmac.new(base64.b64decode(SECRET[6:]), arrival.body, hashlib.sha256).hexdigest()
+    assert arrival.headers["X-Signature"] == expected
+
+
+async def test_standard_webhooks_signature_verifies_with_the_reference_library(
+    service: TestClient, receiver: Receiver
+) -> None:
+    await submit(service, webhook_url=receiver.url())
+    [arrival] = await receiver.wait_for(1)
+    assert Webhook(SECRET).verify(arrival.body, arrival.headers)["job_id"] == arrival.json["job_id"]
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(arrival.body + b" ", arrival.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + base64.b64encode(b"another key entirely").decode()).verify(arrival.body, arrival.headers)
+
+
+async def test_a_plain_secret_signs_with_its_utf8_bytes(make_service: Callable[..., Any], receiver: Receiver) -> None:
+    service = await make_service(secrets=("correct horse battery staple",))
+    await submit(service, webhook_url=receiver.url())
+    [arrival] = await receiver.wait_for(1)
+    key = b"correct horse battery staple"
+    assert arrival.headers["X-Signature"] == "sha256=" + hmac.new(key, arrival.body, hashlib.sha256).hexdigest()
+    Webhook(key).verify(arrival.body, arrival.headers)
+
+
+async def test_rotated_secrets_all_sign_so_old_and_new_receivers_verify(
+    make_service: Callable[..., Any], receiver: Receiver
+) -> None:
+    new = "whsec_" + base64.b64encode(b"the new key, 32 bytes long......").decode()
+    service = await make_service(secrets=(new, SECRET))
+    await submit(service, webhook_url=receiver.url())
+    [arrival] = await receiver.wait_for(1)
+    assert len(arrival.headers["webhook-signature"].split()) == 2
+    Webhook(SECRET).verify(arrival.body, arrival.headers)  # a receiver still on the old key
+    Webhook(new).verify(arrival.body, arrival.headers)  # a receiver already on the new one
+    assert webhookd.verify_x_signature([_key(new)], arrival.body, arrival.headers["X-Signature"])
+    assert not webhookd.verify_x_signature([_key(SECRET)], arrival.body, arrival.headers["X-Signature"])
+
+
+def test_signing_key_rules() -> None:
+    assert webhookd.signing_key("whsec_" + base64.b64encode(b"k3y").decode()) == b"k3y"
+    assert webhookd.signing_key("whsec_YWJj") == b"abc"
+    assert webhookd.signing_key("whsec_YWI") == b"ab"  # unpadded base64, as some providers print it
+    assert webhookd.signing_key("plain-secret") == b"plain-secret"
+    for bad in ("", "whsec_", "whsec_not*base64"):
+        with pytest.raises(ValueError):
+            webhookd.signing_key(bad)
+
+
+def test_receiver_side_verification_rejects_stale_and_forged_requests() -> None:
+    signer = webhookd.Signer([SECRET])
+    now = int(time.time())
+    headers = signer.headers("job-1", b'{"a":1}', 1, now)
+    keys = [_key(SECRET)]
+    assert webhookd.verify_webhook_signature(keys, b'{"a":1}', headers, now) is None
+    assert webhookd.verify_webhook_signature(keys, b'{"a":2}', headers, now) == "no webhook-signature entry matches"
+    assert "5 minutes" in webhookd.verify_webhook_signature(keys, b'{"a":1}', headers, now + 301)
+    assert webhookd.verify_x_signature(keys, b'{"a":1}', headers["X-Signature"])
+    assert not webhookd.verify_x_signature(keys, b'{"a":1}', None)
+
+
+# ---------------------------------------------------------------------------
+# 5. Retry works when the receiver returns 500 first
+# ---------------------------------------------------------------------------
+
+
+def test_retry_schedule_is_1_2_4_seconds_by_default() -> None:
+    assert webhookd.retry_schedule(RetryPolicy()) == [1.0, 2.0, 4.0]
+    assert webhookd.retry_schedule(RetryPolicy(max_retries=5, backoff_base=0.5, backoff_factor=3)) == [
+        0.5, 1.5, 4.5, 13.5, 40.5]
+    assert webhookd.retry_schedule(RetryPolicy(max_retries=0)) == []
+
+
+def test_retry_delay_caps_jitters_and_hears_retry_after() -> None:
+    policy = RetryPolicy(backoff_base=10, backoff_factor=10, backoff_max=500, backoff_jitter=0.5)
+    assert webhookd.retry_delay(3, policy, draw=lambda: 0.5) == 500  # 1000 capped
+    assert webhookd.retry_delay(1, policy, draw=lambda: 0.0) == 5.0  # -50 %
+    assert webhookd.retry_delay(1, policy, draw=lambda: 1.0) == 15.0  # +50 %
+    assert webhookd.retry_delay(1, policy, retry_after=120, draw=lambda: 0.5) == 120  # lengthened
+    assert webhookd.retry_delay(1, policy, retry_after=9999, draw=lambda: 0.5) == 500  # still capped
+    assert webhookd.retry_delay(2, policy, retry_after=1, draw=lambda: 0.5) == 100  # never shortened
+    spread = {webhookd.retry_delay(1, RetryPolicy(backoff_jitter=0.2)) for _ in range(50)}
+    assert len(spread) > 1 and all(0.8 <= d <= 1.2 for d in spread)
+
+
+def test_retry_after_parses_seconds_and_http_dates() -> None:
+    now = 1_700_000_000.0
+    assert webhookd.parse_retry_after("120", now) == 120
+    date = "Tue, 14 Nov 2023 22:13:50 GMT"  # now + 30 s
+    assert webhookd.parse_retry_after(date, now) == pytest.approx(30)
+    assert webhookd.parse_retry_after("Tue, 14 Nov 2023 22:00:00 GMT", now) == 0
+    assert webhookd.parse_retry_after("soon", now) is None
+    assert webhookd.parse_retry_after(None, now) is None
+
+
+async def test_retry_after_500s_then_delivered(service: TestClient, make_receiver: Callable[..., Any]) -> None:
+    receiver = await make_receiver(answer_status(500, 500))
+    accepted = await submit(service, webhook_url=receiver.url())
+    arrivals = await receiver.wait_for(3)
+    assert [a.headers["X-Webhook-Attempt"] for a in arrivals] == ["1", "2", "3"]
+    assert len({a.body for a in arrivals}) == 1, "every attempt sends the same bytes"
+    assert len({a.headers["webhook-id"] for a in arrivals}) == 1
+    status = await wait_for_status(service, accepted["job_id"], "delivered")
+    assert [a["status_code"] for a in status["attempts"]] == [500, 500, 200]
+
+
+async def test_retries_exhausted_is_failed_and_in_the_dead_letter(
+    service: TestClient, make_receiver: Callable[..., Any]
+) -> None:
+    receiver = await make_receiver(lambda arrival, n: web.Response(status=503))
+    accepted = await submit(service, webhook_url=receiver.url())
+    status = await wait_for_status(service, accepted["job_id"], "failed")
+    assert len(status["attempts"]) == 4  # the first attempt and 3 retries
+    assert len(receiver.arrivals) == 4
+    dead = await (await service.get("/webhooks/dead-letter")).json()
+    [entry] = dead["deliveries"]
+    assert entry["job_id"] == accepted["job_id"] and entry["attempts"] == 4
+    assert entry["last_error"] == "HTTP 503" and entry["failed_at"].endswith("Z")
+
+
+async def test_per_job_retry_policy_overrides_the_server(service: TestClient, make_receiver: Callable[..., Any]) -> None:
+    receiver = await make_receiver(lambda arrival, n: web.Response(status=500))
+    accepted = await submit(service, webhook_url=receiver.url(),
+                            retry_policy={"max_retries": 1, "backoff_base": 0.01, "backoff_factor": 1})
+    status = await wait_for_status(service, accepted["job_id"], "failed")
+    assert len(status["attempts"]) == 2
+
+
+@pytest.mark.parametrize("code", [301, 302, 307, 308])
+async def test_a_redirect_is_a_failed_attempt_and_not_followed(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], code: int
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=1))
+    receiver = await make_receiver(
+        lambda arrival, n: web.Response(status=code, headers={"Location": "/elsewhere"})
+    )
+    accepted = await submit(service, webhook_url=receiver.url())
+    status = await wait_for_status(service, accepted["job_id"], "failed")
+    assert [a["status_code"] for a in status["attempts"]] == [code, code]
+    assert "redirect" in status["attempts"][0]["error"]
+    assert all(a.path == "/hook" for a in receiver.arrivals)
+
+
+async def test_410_gone_ends_the_delivery_at_once(service: TestClient, make_receiver: Callable[..., Any]) -> None:
+    receiver = await make_receiver(lambda arrival, n: web.Response(status=410))
+    accepted = await submit(service, webhook_url=receiver.url())
+    status = await wait_for_status(service, accepted["job_id"], "failed")
+    assert [a["status_code"] for a in status["attempts"]] == [410]
+    assert "410" in status["attempts"][0]["error"]
+
+
+async def test_retry_after_lengthens_the_wait(service: TestClient, make_receiver: Callable[..., Any]) -> None:
+    receiver = await make_receiver(answer_status(429, headers={"Retry-After": "120"}))
+    accepted = await submit(service, webhook_url=receiver.url())
+    status = await wait_for_status(service, accepted["job_id"], "retrying")
+    attempt_time = _parse_iso(status["attempts"][0]["timestamp"])
+    assert _parse_iso(status["next_attempt_at"]) - attempt_time == pytest.approx(120, abs=2)
+
+
+async def test_timeout_is_a_failed_attempt_with_a_clear_error(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    release = asyncio.Event()
+
+    async def hang(arrival: Arrival, n: int) -> web.Response:
+        if n == 1:
+            await release.wait()
+        return web.json_response({})
+
+    receiver = await make_receiver(hang)
+    service = await make_service(timeout=0.2)
+    accepted = await submit(service, webhook_url=receiver.url())
+    status = await wait_for_status(service, accepted["job_id"], "delivered")
+    release.set()
+    first, second = status["attempts"]
+    assert first["status_code"] is None and first["error"].startswith("timeout")
+    assert second["success"] is True
+
+
+async def test_connection_refused_is_a_failed_attempt(service: TestClient) -> None:
+    accepted = await submit(service, webhook_url=f"http://127.0.0.1:{_closed_port()}/hook")
+    status = await wait_for_status(service, accepted["job_id"], "failed")
+    assert len(status["attempts"]) == 4
+    assert all(a["error"].startswith("connection error") for a in status["attempts"])
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parse_iso(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+# ---------------------------------------------------------------------------
+# 6. Delivery attempts are logged
+# ---------------------------------------------------------------------------
+
+
+async def test_every_attempt_is_stored_and_logged_as_one_line(
+    service: TestClient, make_receiver: Callable[..., Any], config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhookd")
+    receiver = await make_receiver(answer_status(500))
+    accepted = await submit(service, webhook_url=receiver.url())
+    job_id = accepted["job_id"]
+    await wait_for_status(service, job_id, "delivered")
+    with sqlite3.connect(config.db) as db:
+        rows = db.execute("SELECT attempt, status_code, error FROM attempts WHERE job_id = ? ORDER BY attempt",
+                          (job_id,)).fetchall()
+    assert rows == [(1, 500, "HTTP 500"), (2, 200, None)]
+    lines = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
+    assert len(lines) == 2
+    assert "#1" in lines[0] and receiver.url() in lines[0] and "500" in lines[0] and "retry in" in lines[0]
+    assert "#2" in lines[1] and "200" in lines[1] and "delivered" in lines[1]
+    assert all("ms" in line for line in lines)
+
+
+async def test_the_secret_never_appears_in_logs_or_responses(
+    service: TestClient, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    accepted = await submit(service, webhook_url=receiver.url())
+    await wait_for_status(service, accepted["job_id"], "delivered")
+    seen = [caplog.text]
+    for path in ("/healthz", "/metrics", f"/jobs/{accepted['job_id']}", f"/webhooks/{accepted['job_id']}/status",
+                 "/webhooks/dead-letter"):
+        seen.append(await (await service.get(path)).text())
+    assert not any(SECRET in text or SECRET[6:] in text for text in seen)
+
+
+# ---------------------------------------------------------------------------
+# 7. The status endpoint shows the history
+# ---------------------------------------------------------------------------
+
+
+async def test_status_shows_pending_retrying_and_the_whole_history(
+    service: TestClient, make_receiver: Callable[..., Any]
+) -> None:
+    receiver = await make_receiver(answer_status(500, 502))
+    accepted = await submit(service, webhook_url=receiver.url())
+    job_id = accepted["job_id"]
+    early = await delivery_status(service, job_id)
+    assert early["delivery_status"] in ("pending", "retrying", "delivered")
+    final = await wait_for_status(service, job_id, "delivered")
+    assert final["job_id"] == job_id and final["webhook_url"] == receiver.url()
+    attempts = final["attempts"]
+    assert [a["attempt"] for a in attempts] == [1, 2, 3]
+    assert [a["success"] for a in attempts] == [False, False, True]
+    assert [a["error"] for a in attempts] == ["HTTP 500", "HTTP 502", None]
+    for attempt in attempts:
+        assert set(attempt) == {"attempt", "timestamp", "status_code", "success", "error", "duration_ms"}
+        assert attempt["timestamp"].endswith("Z") and attempt["duration_ms"] >= 0
+
+
+async def test_status_is_retrying_with_the_next_attempt_time(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=RetryPolicy(backoff_base=60))
+    receiver = await make_receiver(lambda arrival, n: web.Response(status=500))
+    accepted = await submit(service, webhook_url=receiver.url())
+    status = await wait_for_status(service, accepted["job_id"], "retrying")
+    assert len(status["attempts"]) == 1
+    wait = _parse_iso(status["next_attempt_at"]) - _parse_iso(status["attempts"][0]["timestamp"])
+    assert wait == pytest.approx(60, abs=2)
+
+
+async def test_status_of_unknown_job_is_404_json(service: TestClient) -> None:
+    response = await service.get("/webhooks/job-nope/status")
+    assert response.status == 404
+    assert "job-nope" in (await response.json())["error"]
+
+
+# ---------------------------------------------------------------------------
+# Dead letter and redelivery
+# ---------------------------------------------------------------------------
+
+
+async def test_redeliver_starts_a_new_round_with_the_same_body_and_id(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=1))
+    receiver = await make_receiver(answer_status(500, 500))
+    accepted = await submit(service, webhook_url=receiver.url())
+    job_id = accepted["job_id"]
+    await wait_for_status(service, job_id, "failed")
+    response = await service.post(f"/webhooks/{job_id}/redeliver")
+    assert response.status == 202
+    assert await response.json() == {"job_id": job_id, "delivery_status": "pending"}
+    status = await wait_for_status(service, job_id, "delivered")
+    assert [a["attempt"] for a in status["attempts"]] == [1, 2, 3]
+    assert len({a.body for a in receiver.arrivals}) == 1
+    assert len({a.headers["webhook-id"] for a in receiver.arrivals}) == 1
+    assert receiver.arrivals[-1].headers["X-Webhook-Attempt"] == "3"
+    dead = await (await service.get("/webhooks/dead-letter")).json()
+    assert dead["deliveries"] == []
+    # A delivered webhook can be sent again too.
+    assert (await service.post(f"/webhooks/{job_id}/redeliver")).status == 202
+    await receiver.wait_for(4)
+
+
+async def test_redeliver_is_409_while_a_round_runs_and_404_when_unknown(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=RetryPolicy(backoff_base=60))
+    receiver = await make_receiver(lambda arrival, n: web.Response(status=500))
+    accepted = await submit(service, webhook_url=receiver.url())
+    await wait_for_status(service, accepted["job_id"], "retrying")
+    response = await service.post(f"/webhooks/{accepted['job_id']}/redeliver")
+    assert response.status == 409 and "retrying" in (await response.json())["error"]
+    assert (await service.post("/webhooks/job-unknown/redeliver")).status == 404
+
+
+async def test_two_redeliveries_at_once_start_one_round(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=0))
+    receiver = await make_receiver(answer_status(500))
+    accepted = await submit(service, webhook_url=receiver.url())
+    await wait_for_status(service, accepted["job_id"], "failed")
+    answers = await asyncio.gather(*(service.post(f"/webhooks/{accepted['job_id']}/redeliver") for _ in range(5)))
+    assert sorted(r.status for r in answers) == [202, 409, 409, 409, 409]
+    await wait_for_status(service, accepted["job_id"], "delivered")
+    assert len(receiver.arrivals) == 2
+
+
+async def test_dead_letter_is_newest_first_and_limited(service: TestClient) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}/hook"
+    ids = []
+    for _ in range(3):
+        accepted = await submit(service, webhook_url=url, retry_policy={"max_retries": 0})
+        await wait_for_status(service, accepted["job_id"], "failed")
+        ids.append(accepted["job_id"])
+    dead = await (await service.get("/webhooks/dead-letter")).json()
+    assert [d["job_id"] for d in dead["deliveries"]] == ids[::-1]
+    limited = await (await service.get("/webhooks/dead-letter?limit=2")).json()
+    assert [d["job_id"] for d in limited["deliveries"]] == ids[:0:-1]
+    for bad in ("0", "-1", "abc", "100000"):
+        response = await service.get(f"/webhooks/dead-letter?limit={bad}")
+        assert response.status == 400 and "limit" in (await response.json())["error"]
+
+
+# ---------------------------------------------------------------------------
+# A slow receiver delays nobody else; pending retries cost no coroutine
+# ---------------------------------------------------------------------------
+
+
+async def test_a_hanging_receiver_does_not_delay_other_receivers(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    release = asyncio.Event()
+
+    async def hang(arrival: Arrival, n: int) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    blackhole = await make_receiver(hang)
+    healthy = await make_receiver()
+    # Four slots in all: without a per-receiver share the blackhole would hold every one.
+    service = await make_service(max_in_flight=4, timeout=DEADLINE * 2)
+    try:
+        for _ in range(6):
+            await submit(service, webhook_url=blackhole.url())
+        await blackhole.wait_for(1)
+        healthy_ids = [(await submit(service, webhook_url=healthy.url()))["job_id"] for _ in range(5)]
+        arrivals = await healthy.wait_for(5)
+        assert {a.json["job_id"] for a in arrivals} == set(healthy_ids)
+        assert not release.is_set() and len(blackhole.arrivals) == 1  # still hanging
+    finally:
+        release.set()
+
+
+async def test_pending_retries_wait_in_the_schedule_not_in_coroutines(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=RetryPolicy(backoff_base=600))
+    receiver = await make_receiver(lambda arrival, n: web.Response(status=500))
+    tasks_before = len(asyncio.all_tasks())
+    ids = [(await submit(service, f"text {n}", webhook_url=receiver.url()))["job_id"] for n in range(40)]
+    await receiver.wait_for(40)
+    for job_id in ids:
+        await wait_for_status(service, job_id, "retrying")
+    engine = service.app[webhookd.ENGINE]
+    assert engine.scheduled == 40 and engine.in_flight == 0
+    assert len(asyncio.all_tasks()) - tasks_before < 10, "a task per pending retry" 
+
+
+# ---------------------------------------------------------------------------
+# Durability: kill -9, restart, nothing lost; graceful stop
+# ---------------------------------------------------------------------------
+
+
+async def _stored_attempts(db: str, job_id: str) -> int:
+    with sqlite3.connect(db) as connection:
+        return connection.execute("SELECT count(*) FROM attempts WHERE job_id = ?", (job_id,)).fetchone()[0]
+
+
+class ServiceProcess:
+    """webhookd.py serve in a child process, to be killed for real."""
+
+    def __init__(self, db: str, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "webhookd.py"), "serve", "--port", "0", "--db", db,
+             "--secret", SECRET, "--allow-private-urls", "--log-level", "warning", *args],
+            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")},
+        )
+        line = ""
+        while "Running on" not in line:
+            line = self.process.stdout.readline()
+            if not line:
+                raise AssertionError("webhookd did not start: " + self.process.stderr.read())
+        self.url = line.split("Running on ")[1].split()[0]
+
+    async def submit(self, **fields: Any) -> dict[str, Any]:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            async with session.post(self.url + "/predict", json=fields) as response:
+                assert response.status == 202
+                return await response.json()
+
+
+async def test_kill_9_mid_round_then_restart_finishes_the_round(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], config: Config
+) -> None:
+    up = asyncio.Event()
+
+    def answers(arrival: Arrival, n: int) -> web.Response:
+        return web.json_response({}) if up.is_set() else web.Response(status=500)
+
+    receiver = await make_receiver(answers)
+    child = ServiceProcess(config.db, "--backoff-base", "0.05", "--max-retries", "10")
+    try:
+        job_id = (await child.submit(text="great", webhook_url=receiver.url()))["job_id"]
+        before = await receiver.wait_for(2)
+        await wait_until(lambda: _stored_attempts(config.db, job_id), "a failed attempt to be stored")
+    finally:
+        child.process.kill()
+        child.process.wait()
+    up.set()
+    service = await make_service(retry=replace(FAST, max_retries=10))
+    status = await wait_for_status(service, job_id, "delivered")
+    attempts = status["attempts"]
+    assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1))
+    assert attempts[0]["status_code"] == 500 and attempts[-1]["success"] is True
+    last = receiver.arrivals[-1]
+    assert last.body == before[0].body and last.headers["webhook-id"] == before[0].headers["webhook-id"]
+
+
+async def test_kill_9_before_inference_then_restart_runs_the_job(
+    make_service: Callable[..., Any], receiver: Receiver, config: Config
+) -> None:
+    child = ServiceProcess(config.db, "--model", "test_webhookd:sleepy_model")
+    try:
+        ids = [(await child.submit(text=f"text {n}", webhook_url=receiver.url()))["job_id"] for n in range(3)]
+    finally:
+        child.process.kill()
+        child.process.wait()
+    service = await make_service()
+    arrivals = await receiver.wait_for(3)
+    assert {a.json["job_id"] for a in arrivals} >= set(ids)
+    for job_id in ids:
+        await wait_for_status(service, job_id, "delivered")
+
+
+async def test_sigterm_stops_gracefully_and_keeps_the_schedule(
+    make_receiver: Callable[..., Any], config: Config
+) -> None:
+    receiver = await make_receiver(lambda arrival, n: web.Response(status=500))
+    child = ServiceProcess(config.db, "--backoff-base", "600", "--log-level", "info")
+    job_id = (await child.submit(text="fine", webhook_url=receiver.url()))["job_id"]
+    await receiver.wait_for(1)
+
+    async def retry_stored() -> bool:
+        with sqlite3.connect(config.db) as db:
+            row = db.execute("SELECT status FROM deliveries WHERE job_id = ?", (job_id,)).fetchone()
+        return row == ("retrying",)
+
+    await wait_until(retry_stored, "the failed attempt to be stored")
+    child.process.send_signal(signal.SIGTERM)
+    _, stderr = child.process.communicate(timeout=DEADLINE)
+    assert child.process.returncode == 0, stderr
+    assert "Task was destroyed" not in stderr and "Traceback" not in stderr
+    with sqlite3.connect(config.db) as db:
+        status, next_at = db.execute("SELECT status, next_attempt_at FROM deliveries WHERE job_id = ?",
+                                     (job_id,)).fetchone()
+    assert status == "retrying" and next_at > time.time() + 500
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear 4xx JSON error, never a 5xx, never a half-created job
+# ---------------------------------------------------------------------------
+
+BAD_BODIES = [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'"text"', 400, "JSON object"),
+    (b"null", 400, "JSON object"),
+    (b"\xff\xfe", 400, "UTF-8"),
+    (b"[" * 100_00 + b"]" * 100_00, 400, "JSON"),
+    (json.dumps({}).encode(), 400, "'text' is required"),
+    (json.dumps({"text": ""}).encode(), 400, "'text' must not be empty"),
+    (json.dumps({"text": "   \n\t"}).encode(), 400, "'text' must not be empty"),
+    (json.dumps({"text": 42}).encode(), 400, "'text' must be a string"),
+    (json.dumps({"text": ["a"]}).encode(), 400, "'text' must be a string"),
+    (json.dumps({"text": "x" * 10_001}).encode(), 400, "limit is 10000"),
+    (b'{"text": "\\ud800"}', 400, "surrogate"),
+    (json.dumps({"text": "ok", "webhook": "http://example.com"}).encode(), 400,
+     "unknown field 'webhook'; allowed fields: text, webhook_url, retry_policy"),
+    (json.dumps({"text": "ok", "webhook_url": 5}).encode(), 400, "'webhook_url' must be a string"),
+    (json.dumps({"text": "ok", "webhook_url": "ftp://example.com/x"}).encode(), 400, "http:// or https://"),
+    (json.dumps({"text": "ok", "webhook_url": "/callback"}).encode(), 400, "http:// or https://"),
+    (json.dumps({"text": "ok", "webhook_url": "example.com/hook"}).encode(), 400, "http:// or https://"),
+    (json.dumps({"text": "ok", "webhook_url": "http:///hook"}).encode(), 400, "no host"),
+    (json.dumps({"text": "ok", "webhook_url": "http://user:pw@example.com/"}).encode(), 400, "user:password"),
+    (json.dumps({"text": "ok", "webhook_url": "http://example.com:99999/"}).encode(), 400, "not a valid URL"),
+    (json.dumps({"text": "ok", "webhook_url": "http://exa mple.com/"}).encode(), 400, "spaces"),
+    (json.dumps({"text": "ok", "webhook_url": "https://example.com/" + "a" * 2048}).encode(), 400, "2048"),
+    (json.dumps({"text": "ok", "retry_policy": 3}).encode(), 400, "'retry_policy' must be an object"),
+    (json.dumps({"text": "ok", "retry_policy": {"retries": 3}}).encode(), 400, "unknown retry_policy field"),
+    (json.dumps({"text": "ok", "retry_policy": {"max_retries": 21}}).encode(), 400, "max_retries"),
+    (json.dumps({"text": "ok", "retry_policy": {"max_retries": -1}}).encode(), 400, "max_retries"),
+    (json.dumps({"text": "ok", "retry_policy": {"max_retries": 2.5}}).encode(), 400, "max_retries"),
+    (json.dumps({"text": "ok", "retry_policy": {"max_retries": True}}).encode(), 400, "max_retries"),
+    (json.dumps({"text": "ok", "retry_policy": {"backoff_base": 0}}).encode(), 400, "backoff_base"),
+    (json.dumps({"text": "ok", "retry_policy": {"backoff_base": 3601}}).encode(), 400, "backoff_base"),
+    (json.dumps({"text": "ok", "retry_policy": {"backoff_factor": 0.5}}).encode(), 400, "backoff_factor"),
+    (json.dumps({"text": "ok", "retry_policy": {"backoff_factor": "2"}}).encode(), 400, "backoff_factor"),
+    (b'{"text": "ok", "retry_policy": {"backoff_base": NaN}}', 400, "backoff_base"),
+    (b'{"text": "ok", "retry_policy": {"backoff_base": 1e999}}', 400, "backoff_base"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD_BODIES, ids=[repr(b[:40]) for b, _, _ in BAD_BODIES])
+async def test_bad_bodies_get_a_clear_error_and_make_no_job(
+    service: TestClient, config: Config, body: bytes, status: int, message: str
+) -> None:
+    response = await service.post("/predict", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == status
+    assert response.content_type == "application/json"
+    assert message in (await response.json())["error"]
+    with sqlite3.connect(config.db) as db:
+        assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+async def test_other_bad_requests_get_json_errors(service: TestClient) -> None:
+    cases = [
+        (service.post("/predict", data=b"x" * (64 * 1024 + 1), headers={"Content-Type": "application/json"}),
+         413, "64 KiB"),
+        (service.post("/predict", data=b"text=hello", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+         415, "application/json"),
+        (service.post("/predict", data=b"hello", headers={"Content-Type": "text/plain"}), 415, "application/json"),
+        (service.get("/jobs/job-0000"), 404, "no job"),
+        (service.get("/nowhere"), 404, "no such endpoint"),
+        (service.get("/predict"), 405, "use POST"),
+        (service.delete("/jobs/job-0000"), 405, "use GET"),
+        (service.get("/webhooks/job-0000/redeliver"), 405, "use POST"),
+        (service.post("/predict", json={"text": "ok"}, headers={"Idempotency-Key": ""}), 400, "Idempotency-Key"),
+        (service.post("/predict", json={"text": "ok"}, headers={"Idempotency-Key": "k" * 256}), 400,
+         "Idempotency-Key"),
+    ]
+    for request, status, message in cases:
+        response = await request
+        assert response.status == status, (status, await response.text())
+        assert message in (await response.json())["error"]
+
+
+async def test_a_missing_content_type_is_read_as_json(service: TestClient) -> None:
+    response = await service.post("/predict", data=b'{"text": "fine"}', skip_auto_headers=["Content-Type"])
+    assert response.status == 202
+
+
+async def test_fuzzed_bodies_never_get_a_5xx(service: TestClient) -> None:
+    rng = random.Random(20261128)
+    atoms: list[Any] = [None, True, 0, -1, 1.5, 1e308, "", " ", "x" * 20_000, "\u0000", "http://", "https://a.b/c",
+                        "http://127.1/", [], {}, {"max_retries": 3}, {"backoff_base": -1}, [{"a": 1}]]
+    keys = ["text", "webhook_url", "retry_policy", "extra", ""]
+    bodies = [bytes(rng.randrange(256) for _ in range(rng.randrange(64))) for _ in range(100)]
+    for _ in range(200):
+        fields = {rng.choice(keys): rng.choice(atoms) for _ in range(rng.randrange(4))}
+        bodies.append(json.dumps(fields).encode())
+    for body in bodies:
+        response = await service.post("/predict", data=body, headers={"Content-Type": "application/json"})
+        assert response.status < 500, (body, await response.text())
+        assert response.content_type == "application/json"
+
+
+# ---------------------------------------------------------------------------
+# Private-address blocking
+# ---------------------------------------------------------------------------
+
+BLOCKED_URLS = [
+    "http://127.0.0.1/hook", "http://127.1/hook", "http://2130706433/hook", "http://0x7f000001/hook",
+    "http://0177.0.0.1/hook", "http://[::1]/hook", "http://[::ffff:127.0.0.1]/hook", "http://localhost/hook",
+    "http://LOCALHOST./hook", "http://api.localhost/hook", "http://10.0.0.1/", "http://172.16.5.4/",
+    "http://192.168.1.1/", "http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/", "http://[fd00::1]/",
+    "http://0.0.0.0/", "http://224.0.0.1/", "http://240.0.0.1/", "http://100.64.0.1/", "http://[::]/",
+    "http://[2002:7f00:1::]/",
+]
+
+
+@pytest.mark.parametrize("url", BLOCKED_URLS)
+async def test_private_literal_addresses_are_refused_at_submission(make_service: Callable[..., Any], url: str) -> None:
+    service = await make_service(allow_private_urls=False)
+    response = await service.post("/predict", json={"text": "hi", "webhook_url": url})
+    assert response.status == 400
+    assert "--allow-private-urls" in (await response.json())["error"]
+
+
+@pytest.mark.parametrize("url", ["https://example.com/hook", "http://93.184.215.14:8080/x", "http://[2606:4700::1]/"])
+async def test_public_addresses_are_accepted(make_service: Callable[..., Any], url: str) -> None:
+    service = await make_service(allow_private_urls=False, retry=RetryPolicy(backoff_base=600))
+    assert (await service.post("/predict", json={"text": "hi", "webhook_url": url})).status == 202
+
+
+async def test_a_name_that_resolves_to_a_private_address_is_blocked_at_delivery(
+    make_service: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def resolve_to_loopback(self: Any, host: str, port: int = 0, family: int = 0) -> list[dict[str, Any]]:
+        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": 2, "proto": 6, "flags": 0}]
+
+    monkeypatch.setattr(webhookd.aiohttp.DefaultResolver, "resolve", resolve_to_loopback)
+    service = await make_service(allow_private_urls=False)
+    accepted = await submit(service, webhook_url="http://rebinding.example/hook")
+    status = await wait_for_status(service, accepted["job_id"], "failed")
+    [attempt] = status["attempts"]  # blocked is final: no retries
+    assert attempt["status_code"] is None and "blocked" in attempt["error"]
+
+
+async def test_the_resolver_keeps_public_addresses_and_drops_private_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def resolve_mixed(self: Any, host: str, port: int = 0, family: int = 0) -> list[dict[str, Any]]:
+        return [{"hostname": host, "host": h, "port": port, "family": 2, "proto": 6, "flags": 0}
+                for h in ("10.1.2.3", "93.184.215.14", "169.254.169.254")]
+
+    monkeypatch.setattr(webhookd.aiohttp.DefaultResolver, "resolve", resolve_mixed)
+    resolver = webhookd.PublicResolver()
+    assert [r["host"] for r in await resolver.resolve("mixed.example", 80)] == ["93.184.215.14"]
+    await resolver.close()
+
+
+def test_blocked_host_reads_every_ip_spelling() -> None:
+    for host in ("127.1", "2130706433", "0x7f.1", "::ffff:7f00:1", "0:0:0:0:0:ffff:a00:1", "fe80::1%eth0"):
+        assert webhookd.blocked_host(host), host
+    for host in ("example.com", "8.8.8.8", "134744072", "2001:4860:4860::8888", "::ffff:8.8.8.8"):
+        assert webhookd.blocked_host(host) is None, host
+
+
+# ---------------------------------------------------------------------------
+# API key
+# ---------------------------------------------------------------------------
+
+
+async def test_api_key_guards_every_endpoint_but_healthz(make_service: Callable[..., Any]) -> None:
+    service = await make_service(api_key="s3cret-key")
+    assert (await service.get("/healthz")).status == 200
+    for method, path in (("POST", "/predict"), ("GET", "/jobs/job-x"), ("GET", "/webhooks/job-x/status"),
+                         ("GET", "/webhooks/dead-letter"), ("POST", "/webhooks/job-x/redeliver"),
+                         ("GET", "/metrics")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}):
+            response = await service.request(method, path, json={"text": "hi"}, headers=headers)
+            assert response.status == 401, (method, path, headers)
+            body = await response.json()
+            assert "API key" in body["error"] and "s3cret-key" not in json.dumps(body)
+    response = await service.post("/predict", json={"text": "hi"}, headers={"Authorization": "Bearer s3cret-key"})
+    assert response.status == 202
+
+
+# ---------------------------------------------------------------------------
+# Idempotency
+# ---------------------------------------------------------------------------
+
+
+async def test_idempotency_key_replays_the_first_answer(service: TestClient, receiver: Receiver) -> None:
+    body = {"text": "lovely", "webhook_url": receiver.url()}
+    first = await service.post("/predict", json=body, headers={"Idempotency-Key": "order-1"})
+    again = await service.post("/predict", data=json.dumps(body, indent=2),
+                               headers={"Idempotency-Key": "order-1", "Content-Type": "application/json"})
+    assert first.status == again.status == 202
+    assert await first.json() == await again.json()
+    assert "Idempotent-Replayed" not in first.headers
+    assert again.headers["Idempotent-Replayed"] == "true"
+    other = await service.post("/predict", json={"text": "different"}, headers={"Idempotency-Key": "order-1"})
+    assert other.status == 422 and "Idempotency-Key" in (await other.json())["error"]
+    await receiver.wait_for(1)
+    await wait_for_status(service, (await first.json())["job_id"], "delivered")
+    assert len(receiver.arrivals) == 1
+
+
+async def test_concurrent_requests_with_one_new_key_make_one_job(service: TestClient, config: Config) -> None:
+    responses = await asyncio.gather(*(
+        service.post("/predict", json={"text": "same"}, headers={"Idempotency-Key": "race"}) for _ in range(10)
+    ))
+    bodies = [await r.json() for r in responses]
+    assert all(r.status == 202 for r in responses)
+    assert len({b["job_id"] for b in bodies}) == 1
+    assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 9
+    with sqlite3.connect(config.db) as db:
+        assert db.execute("SELECT count(*) FROM jobs").fetchone() == (1,)
+
+
+async def test_idempotency_survives_a_restart(make_service: Callable[..., Any]) -> None:
+    first = await make_service()
+    answer = await (await first.post("/predict", json={"text": "a"}, headers={"Idempotency-Key": "k1"})).json()
+    await first.close()
+    second = await make_service()
+    replay = await second.post("/predict", json={"text": "a"}, headers={"Idempotency-Key": "k1"})
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert await replay.json() == answer
+
+
+# ---------------------------------------------------------------------------
+# Health, metrics, configuration, the receiver
+# ---------------------------------------------------------------------------
+
+
+async def test_healthz_and_metrics(service: TestClient, make_receiver: Callable[..., Any]) -> None:
+    health = await service.get("/healthz")
+    assert health.status == 200 and (await health.json())["status"] == "ok"
+    receiver = await make_receiver(answer_status(500))
+    accepted = await submit(service, webhook_url=receiver.url())
+    await wait_for_status(service, accepted["job_id"], "delivered")
+    response = await service.get("/metrics")
+    assert response.status == 200 and response.content_type == "text/plain"
+    text = await response.text()
+    assert 'webhookd_jobs{status="completed"} 1' in text
+    assert 'webhookd_delivery_attempts_total{outcome="success"} 1' in text
+    assert 'webhookd_delivery_attempts_total{outcome="http_error"} 1' in text
+    assert "webhookd_dead_letter_deliveries 0" in text
+    assert "webhookd_queue_depth 0" in text
+    assert 'webhookd_attempt_duration_seconds_bucket{le="+Inf"} 2' in text
+    assert "webhookd_attempt_duration_seconds_count 2" in text
+    for line in text.splitlines():
+        assert line.startswith("#") or len(line.split(" ")) == 2, line
+
+
+def test_config_reads_flags_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEBHOOKD_WORKERS", "7")
+    monkeypatch.setenv("WEBHOOKD_MAX_RETRIES", "5")
+    monkeypatch.setenv("WEBHOOKD_ALLOW_PRIVATE_URLS", "true")
+    config = webhookd.config_from_args(webhookd.parse_args(["--max-retries", "2", "--secret", "a b"]))
+    assert config.workers == 7 and config.retry.max_retries == 2 and config.allow_private_urls
+    assert config.secrets == ("a", "b")
+    defaults = webhookd.config_from_args(webhookd.parse_args(["serve"]))
+    assert defaults.port == 7999 + 1 and defaults.retry.max_retries == 5
+    assert webhookd.retry_schedule(Config().retry) == [1.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "--workers"), (["--backoff-jitter", "2"], "--backoff-jitter"),
+    (["--secret", "whsec_!!"], "--secret"), (["--log-level", "loud"], "--log-level"),
+    (["--timeout", "0"], "--timeout"),
+])
+def test_bad_configuration_says_what_to_fix(args: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        webhookd.config_from_args(webhookd.parse_args(args))
+
+
+async def test_first_start_generates_a_secret_and_reuses_it(
+    make_service: Callable[..., Any], receiver: Receiver, config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = await make_service(secrets=())
+    await submit(first, webhook_url=receiver.url())
+    await receiver.wait_for(1)
+    printed = capsys.readouterr().out
+    with sqlite3.connect(config.db) as db:
+        [(secret,)] = db.execute("SELECT value FROM settings WHERE name = 'secret'").fetchall()
+    assert secret.startswith("whsec_") and secret in printed
+    Webhook(secret).verify(receiver.arrivals[0].body, receiver.arrivals[0].headers)
+    await first.close()
+    second = await make_service(secrets=())
+    await submit(second, webhook_url=receiver.url())
+    await receiver.wait_for(2)
+    assert secret not in capsys.readouterr().out
+    Webhook(secret).verify(receiver.arrivals[1].body, receiver.arrivals[1].headers)
+
+
+async def test_receive_command_verifies_fails_first_attempts_and_lists(
+    make_service: Callable[..., Any], aiohttp_client: AiohttpClient
+) -> None:
+    receiver = await aiohttp_client(webhookd.create_receiver([_key(SECRET)], fail_first=1, echo=False))
+    service = await make_service()
+    accepted = await submit(service, webhook_url=str(receiver.make_url("/callback")))
+    await wait_for_status(service, accepted["job_id"], "delivered")
+    callbacks = (await (await receiver.get("/callbacks")).json())["callbacks"]
+    assert [c["answered"] for c in callbacks] == [500, 200]
+    assert all(c["x_signature_ok"] and c["webhook_signature_error"] is None for c in callbacks)
+    forged = await receiver.post("/callback", data=b"{}", headers={"X-Signature": "sha256=00"})
+    assert forged.status in (200, 500)
+    last = (await (await receiver.get("/callbacks")).json())["callbacks"][-1]
+    assert last["x_signature_ok"] is False and last["webhook_signature_error"]
