@@ -74,6 +74,7 @@ MAX_IDEMPOTENCY_KEY_CHARS = 255
 IDEMPOTENCY_KEY_LIFETIME = 24 * 3600.0
 JOB_FIELDS = ("text", "webhook_url", "retry_policy")
 USER_AGENT = f"webhookd/{__version__}"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ class Config:
                 (self.retry.backoff_max <= 0, "--backoff-max must be positive"),
                 (not 0 <= self.retry.backoff_jitter <= 1, "--backoff-jitter must be in [0, 1]"),
                 (self.log_level not in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}"),
-                (self.api_key == "", "--api-key must not be empty"),
+                (not 0 <= self.port <= 65535, "--port must be 0 to 65535"),
             )
             if failed
         ]
@@ -132,9 +133,6 @@ class Config:
                 problems.append(f"--secret: {exc}")
         if problems:
             raise ValueError("; ".join(problems))
-
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 # ---------------------------------------------------------------------------
@@ -1621,7 +1619,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         timeout=args.timeout,
         max_in_flight=args.max_in_flight,
         allow_private_urls=args.allow_private_urls,
-        api_key=args.api_key,
+        api_key=args.api_key or None,
         model=args.model,
         log_level=args.log_level,
     )
