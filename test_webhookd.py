@@ -175,6 +175,14 @@ async def test_job_with_webhook_url_is_accepted_and_registered(service: TestClie
     assert accepted["job_id"].startswith("job-") and len(accepted["job_id"]) == 4 + 32
 
 
+def test_job_ids_are_unique_and_in_time_order() -> None:
+    ids = [webhookd.new_job_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    milliseconds = [int(job_id[4:16], 16) for job_id in ids]
+    assert milliseconds == sorted(milliseconds)
+    assert abs(milliseconds[0] / 1000 - time.time()) < 60
+
+
 async def test_job_without_webhook_url_completes_without_webhook(service: TestClient) -> None:
     accepted = await submit(service, "This is terrible and I hate it.")
     assert accepted["webhook_registered"] is False
