@@ -16,7 +16,8 @@ Security: webhook URLs on loopback, private, link-local (cloud metadata), multic
 or unspecified addresses are refused unless --allow-private-urls is given, both when the URL
 is a literal address and when a host name resolves there. Anyone who can reach this service
 can make it send HTTP requests: expose it only with --api-key. The signing secret and the API
-key are never put in a response or a log line.
+key are never put in a response or a log line; a generated secret is printed once, on the
+first start, so that its owner can give it to receivers.
 
 The contract this follows is CONTRACT.md of the webhookd project; README.md documents it.
 """
@@ -49,8 +50,8 @@ import time
 from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import aiohttp
 import aiosqlite
@@ -77,6 +78,33 @@ USER_AGENT = f"webhookd/{__version__}"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+class Bound(NamedTuple):
+    """The values a retry setting may take."""
+
+    integer: bool
+    low: float
+    high: float
+    low_included: bool = True
+
+    def admits(self, value: Any) -> bool:
+        """Whether value is a number of the right kind within the bounds."""
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        # Only comparisons: NaN fails them all, and a huge int compares without overflowing.
+        return (self.low <= value if self.low_included else self.low < value) and value <= self.high
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        return f"{kind}, {self.low:g}..{self.high:g}" if self.low_included else f"{kind} over {self.low:g}, at most {self.high:g}"
+
+
+RETRY_POLICY_BOUNDS = {  # what a job's own retry_policy may ask for
+    "max_retries": Bound(True, 0, 20),
+    "backoff_base": Bound(False, 0, 3600, low_included=False),
+    "backoff_factor": Bound(False, 1, 10),
+}
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """When to try a delivery again: retry k waits base * factor^(k-1), jittered, capped."""
@@ -100,12 +128,12 @@ class Config:
     port: int = 8000
     db: str = "webhookd.db"
     workers: int = 4
-    secrets: tuple[str, ...] = ()  # empty: a secret generated once and kept in the db
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # empty: generated once, kept in the db
     retry: RetryPolicy = RetryPolicy()
     timeout: float = 10.0
     max_in_flight: int = 256
     allow_private_urls: bool = False
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     model: str = "vader"
     log_level: str = "info"
 
@@ -117,8 +145,10 @@ class Config:
                 (not 0 < self.timeout <= 3600, "--timeout must be between 0 and 3600 seconds"),
                 (self.max_in_flight < 1, "--max-in-flight must be at least 1"),
                 (self.retry.max_retries < 0, "--max-retries must be 0 or more"),
-                (not 0 < self.retry.backoff_base <= 3600, "--backoff-base must be in (0, 3600]"),
-                (not 1 <= self.retry.backoff_factor <= 10, "--backoff-factor must be in [1, 10]"),
+                (not RETRY_POLICY_BOUNDS["backoff_base"].admits(self.retry.backoff_base),
+                 f"--backoff-base must be {RETRY_POLICY_BOUNDS['backoff_base']}"),
+                (not RETRY_POLICY_BOUNDS["backoff_factor"].admits(self.retry.backoff_factor),
+                 f"--backoff-factor must be {RETRY_POLICY_BOUNDS['backoff_factor']}"),
                 (self.retry.backoff_max <= 0, "--backoff-max must be positive"),
                 (not 0 <= self.retry.backoff_jitter <= 1, "--backoff-jitter must be in [0, 1]"),
                 (self.log_level not in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}"),
@@ -397,7 +427,7 @@ def verify_webhook_signature(keys: Iterable[bytes], body: bytes, headers: Any, n
     """Why a Standard Webhooks signature does not verify, or None when it does."""
     webhook_id = headers.get("webhook-id", "")
     timestamp = headers.get("webhook-timestamp", "")
-    if not webhook_id or not timestamp.isdigit():
+    if not webhook_id or not (timestamp.isascii() and timestamp.isdigit()):
         return "missing webhook-id or webhook-timestamp"
     if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
         return "webhook-timestamp is more than 5 minutes away"
@@ -445,6 +475,7 @@ def vader_model() -> Model:
 VADER_INLINE_CHARS = 500
 
 
+@functools.lru_cache(maxsize=None)
 def load_model(spec: str) -> Model:
     """The model named by --model: "vader", or module:callable taking text."""
     if spec == "vader":
@@ -482,6 +513,78 @@ def _checked_prediction(prediction: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+OUTCOMES = ("success", "http_error", "timeout", "connection_error", "blocked")
+
+
+class Metrics:
+    """Counters for /metrics, kept in memory and seeded from the db at start-up."""
+
+    DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self, jobs_by_status: dict[str, int], dead_letter: int) -> None:
+        self.jobs: Counter[str] = Counter({"processing": 0, "completed": 0, "failed": 0})
+        self.jobs.update(jobs_by_status)
+        self.dead_letter = dead_letter
+        self.attempts: Counter[str] = Counter()
+        self._bucket_counts = [0] * len(self.DURATION_BUCKETS)
+        self._duration_sum = 0.0
+        self._duration_count = 0
+
+    def job_accepted(self) -> None:
+        """Count a job committed as processing."""
+        self.jobs["processing"] += 1
+
+    def job_finished(self, failed: bool) -> None:
+        """Move a job from processing to completed or failed."""
+        self.jobs["processing"] -= 1
+        self.jobs["failed" if failed else "completed"] += 1
+
+    def attempt_made(self, outcome: str, seconds: float, dead: bool) -> None:
+        """Count an attempt by outcome (one of OUTCOMES) and duration; dead: it ended the delivery."""
+        self.attempts[outcome] += 1
+        self.dead_letter += dead
+        self._duration_sum += seconds
+        self._duration_count += 1
+        for i, bound in enumerate(self.DURATION_BUCKETS):
+            if seconds <= bound:
+                self._bucket_counts[i] += 1
+
+    def render(self, queue_depth: int, scheduled: int, in_flight: int) -> str:
+        """The Prometheus text exposition format, version 0.0.4."""
+        lines = [
+            "# HELP webhookd_jobs Jobs in the db by status.",
+            "# TYPE webhookd_jobs gauge",
+            *(f'webhookd_jobs{{status="{s}"}} {n}' for s, n in sorted(self.jobs.items())),
+            "# HELP webhookd_delivery_attempts_total Delivery attempts since start-up by outcome.",
+            "# TYPE webhookd_delivery_attempts_total counter",
+            *(f'webhookd_delivery_attempts_total{{outcome="{o}"}} {self.attempts[o]}' for o in OUTCOMES),
+            "# HELP webhookd_dead_letter_deliveries Deliveries that failed for good.",
+            "# TYPE webhookd_dead_letter_deliveries gauge",
+            f"webhookd_dead_letter_deliveries {self.dead_letter}",
+            "# HELP webhookd_queue_depth Jobs waiting for an inference worker.",
+            "# TYPE webhookd_queue_depth gauge",
+            f"webhookd_queue_depth {queue_depth}",
+            "# HELP webhookd_deliveries_scheduled Deliveries waiting for a retry.",
+            "# TYPE webhookd_deliveries_scheduled gauge",
+            f"webhookd_deliveries_scheduled {scheduled}",
+            "# HELP webhookd_attempts_in_flight Delivery attempts under way.",
+            "# TYPE webhookd_attempts_in_flight gauge",
+            f"webhookd_attempts_in_flight {in_flight}",
+            "# HELP webhookd_attempt_duration_seconds How long delivery attempts took.",
+            "# TYPE webhookd_attempt_duration_seconds histogram",
+            *(f'webhookd_attempt_duration_seconds_bucket{{le="{b}"}} {n}'
+              for b, n in zip(self.DURATION_BUCKETS, self._bucket_counts)),
+            f'webhookd_attempt_duration_seconds_bucket{{le="+Inf"}} {self._duration_count}',
+            f"webhookd_attempt_duration_seconds_sum {self._duration_sum:.6f}",
+            f"webhookd_attempt_duration_seconds_count {self._duration_count}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
 # Delivery
 # ---------------------------------------------------------------------------
 
@@ -493,7 +596,10 @@ def retry_delay(
     draw: Callable[[], float] = random.random,
 ) -> float:
     """Seconds to wait before retry number `retry` (from 1), the receiver's Retry-After heard."""
-    delay = policy.backoff_base * policy.backoff_factor ** (retry - 1)
+    try:
+        delay = policy.backoff_base * policy.backoff_factor ** (retry - 1)
+    except OverflowError:  # a server-wide --max-retries has no upper bound
+        delay = math.inf
     delay *= 1 + policy.backoff_jitter * (2 * draw() - 1)
     if retry_after is not None:
         delay = max(delay, retry_after)
@@ -510,7 +616,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -585,6 +691,11 @@ class PublicResolver(AbstractResolver):
         await self._resolver.close()
 
 
+def is_success(status_code: int | None) -> bool:
+    """Whether a receiver's answer counts as delivered: any 2xx."""
+    return status_code is not None and 200 <= status_code < 300
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one attempt came to."""
@@ -596,7 +707,18 @@ class Outcome:
 
     @property
     def success(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
+        """Whether the receiver answered 2xx."""
+        return is_success(self.status_code)
+
+    @property
+    def label(self) -> str:
+        """The outcome's name in /metrics."""
+        if self.success:
+            return "success"
+        if self.status_code is not None:
+            return "http_error"
+        error = self.error or ""
+        return next((name for name in ("timeout", "blocked") if error.startswith(name)), "connection_error")
 
 
 class DeliveryEngine:
@@ -604,9 +726,14 @@ class DeliveryEngine:
 
     Every delivery's next attempt time is in the db; in memory there is a heap of (time,
     job id) for the deliveries waiting for a retry, and the payload only of those about to be
-    sent. Attempts run concurrently up to max_in_flight, and at most a quarter of that goes to
-    one receiver (scheme, host, port), so a receiver that hangs delays nobody else.
+    sent. Attempts run concurrently up to max_in_flight, shared round robin between receivers
+    (scheme, host, port). One receiver gets at most a quarter of the slots, and the receivers
+    that are slow (the last attempt took over SLOW_SECONDS or got no answer) share at most half,
+    so receivers that hang delay nobody else.
     """
+
+    SLOW_SECONDS = 1.0
+    REMEMBERED_SLOW_RECEIVERS = 10_000
 
     def __init__(
         self, config: Config, store: Store, signer: Signer, session: aiohttp.ClientSession, metrics: Metrics
@@ -617,22 +744,28 @@ class DeliveryEngine:
         self._session = session
         self._metrics = metrics
         self._per_receiver = max(1, config.max_in_flight // 4)
+        self._slow_share = max(1, config.max_in_flight // 2)
         self._timers: list[tuple[float, str]] = []
         self._timer_wake = asyncio.Event()
         self._active: set[str] = set()  # job ids with a round under way
-        self._queues: dict[str, deque[Delivery]] = defaultdict(deque)
+        self._queues: dict[str, deque[Delivery]] = {}
         self._busy: Counter[str] = Counter()
         self._ready: OrderedDict[str, None] = OrderedDict()  # receivers with work and a free slot
+        self._slow: OrderedDict[str, None] = OrderedDict()
+        self._slow_in_flight = 0
+        self._waiting_for_slow_share: set[str] = set()
         self._attempts: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._timer_task: asyncio.Task[None] | None = None
 
     @property
     def scheduled(self) -> int:
+        """Deliveries waiting for the time of their next attempt."""
         return len(self._timers)
 
     @property
     def in_flight(self) -> int:
+        """Attempts under way."""
         return len(self._attempts)
 
     def start(self, scheduled: Iterable[tuple[float, str]]) -> None:
@@ -669,7 +802,7 @@ class DeliveryEngine:
         """Attempt a delivery as soon as a slot for its receiver is free."""
         self._active.add(delivery.job_id)
         receiver = _receiver(delivery.url)
-        self._queues[receiver].append(delivery)
+        self._queues.setdefault(receiver, deque()).append(delivery)
         self._mark_ready(receiver)
         self._start_attempts()
 
@@ -687,13 +820,24 @@ class DeliveryEngine:
             while self._timers and self._timers[0][0] <= now and len(due) < 500:
                 due.append(heapq.heappop(self._timers)[1])
             if due:
-                for delivery in await self._load(due):
-                    self.send(delivery)
+                await self._send_stored(due)
                 continue
             self._timer_wake.clear()
             wait = self._timers[0][0] - now if self._timers else None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._timer_wake.wait(), wait)
+
+    async def _send_stored(self, job_ids: list[str]) -> None:
+        try:
+            deliveries = await self._load(job_ids)
+        except Exception:
+            log.exception("could not load %d due deliveries; trying again in 1 s", len(job_ids))
+            for job_id in job_ids:
+                self.schedule(job_id, time.time() + 1)
+            await asyncio.sleep(1)
+            return
+        for delivery in deliveries:
+            self.send(delivery)
 
     async def _load(self, job_ids: list[str]) -> list[Delivery]:
         marks = ",".join("?" * len(job_ids))
@@ -711,64 +855,105 @@ class DeliveryEngine:
             for row in rows
         ]
 
+    def _has_room(self, receiver: str) -> bool:
+        if self._busy[receiver] >= self._per_receiver:
+            return False
+        if receiver in self._slow and self._slow_in_flight >= self._slow_share:
+            self._waiting_for_slow_share.add(receiver)
+            return False
+        return True
+
     def _mark_ready(self, receiver: str) -> None:
-        if self._queues[receiver] and self._busy[receiver] < self._per_receiver:
+        if self._queues.get(receiver) and self._has_room(receiver):
             self._ready[receiver] = None
 
     def _start_attempts(self) -> None:
         # Round robin over receivers: each free slot goes to the receiver that waited longest.
         while self._ready and len(self._attempts) < self._config.max_in_flight and not self._stopping:
             receiver, _ = self._ready.popitem(last=False)
+            if not self._has_room(receiver):  # the slow receivers' share filled up meanwhile
+                continue
             delivery = self._queues[receiver].popleft()
+            slow = receiver in self._slow
             self._busy[receiver] += 1
-            task = asyncio.create_task(self._attempt(delivery))
+            self._slow_in_flight += slow
+            task = asyncio.create_task(self._attempt(delivery, receiver))
             self._attempts.add(task)
-            task.add_done_callback(lambda t, r=receiver: self._attempt_done(t, r))
+            task.add_done_callback(lambda t, r=receiver, s=slow: self._attempt_done(t, r, s))
             self._mark_ready(receiver)
 
-    def _attempt_done(self, task: asyncio.Task[None], receiver: str) -> None:
+    def _attempt_done(self, task: asyncio.Task[None], receiver: str, slow: bool) -> None:
         self._attempts.discard(task)
         self._busy[receiver] -= 1
+        self._slow_in_flight -= slow
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery attempt crashed", exc_info=task.exception())
-        if self._busy[receiver] == 0 and not self._queues[receiver]:
-            del self._busy[receiver], self._queues[receiver]
-        else:
-            self._mark_ready(receiver)
+        if self._busy[receiver] == 0 and not self._queues.get(receiver):
+            del self._busy[receiver]
+            self._queues.pop(receiver, None)
+        waiting = [receiver]
+        if slow:
+            waiting += self._waiting_for_slow_share
+            self._waiting_for_slow_share.clear()
+        for other in waiting:
+            self._mark_ready(other)
         self._start_attempts()
 
-    async def _attempt(self, delivery: Delivery) -> None:
+    async def _attempt(self, delivery: Delivery, receiver: str) -> None:
         number = delivery.attempts + 1
         started = time.time()
         clock = time.perf_counter()
         outcome = await self._post(delivery, number, int(started))
-        duration_ms = (time.perf_counter() - clock) * 1000
-        delivery.attempts = number
-        status, next_attempt_at = self._next_step(delivery, outcome, time.time())
-        await self._store.write(
-            ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms)"
-             " VALUES (?, ?, ?, ?, ?, ?)",
-             (delivery.job_id, number, started, outcome.status_code, outcome.error, duration_ms)),
-            ("UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
-             " failed_at = ? WHERE job_id = ?",
-             (status, number, next_attempt_at, outcome.error,
-              started if status == "failed" else None, delivery.job_id)),
-        )
-        self._metrics.attempt_made(outcome, duration_ms / 1000, dead=status == "failed")
-        _log_attempt(delivery, number, outcome, duration_ms, status, next_attempt_at)
+        seconds = time.perf_counter() - clock
+        self._note_speed(receiver, outcome, seconds)
+        status, next_attempt_at = self._next_step(delivery, number, outcome, time.time())
+        try:
+            await self._record_attempt(delivery, number, started, seconds, outcome, status, next_attempt_at)
+        except Exception:
+            # The db is unchanged, so the same attempt is simply made again.
+            log.exception("could not store attempt %d of %s; trying again in 1 s", number, delivery.job_id)
+            self.schedule(delivery.job_id, time.time() + 1)
+            return
+        self._metrics.attempt_made(outcome.label, seconds, dead=status == "failed")
+        _log_attempt(delivery, number, outcome, seconds, next_attempt_at)
         if next_attempt_at is None:
             self._active.discard(delivery.job_id)
         else:
             self.schedule(delivery.job_id, next_attempt_at)
 
-    def _next_step(self, delivery: Delivery, outcome: Outcome, now: float) -> tuple[str, float | None]:
-        """The delivery's status after an attempt, and when to try again (None: never)."""
+    def _note_speed(self, receiver: str, outcome: Outcome, seconds: float) -> None:
+        if outcome.status_code is None or seconds > self.SLOW_SECONDS:
+            self._slow[receiver] = None
+            self._slow.move_to_end(receiver)
+            if len(self._slow) > self.REMEMBERED_SLOW_RECEIVERS:
+                self._slow.popitem(last=False)
+        else:
+            self._slow.pop(receiver, None)
+
+    def _next_step(
+        self, delivery: Delivery, number: int, outcome: Outcome, now: float
+    ) -> tuple[str, float | None]:
+        """The delivery's status after attempt `number`, and when to try again (None: never)."""
         if outcome.success:
             return "delivered", None
-        retry = delivery.attempts - delivery.round_start
+        retry = number - delivery.round_start
         if outcome.final or retry > delivery.policy.max_retries:
             return "failed", None
         return "retrying", now + retry_delay(retry, delivery.policy, outcome.retry_after)
+
+    async def _record_attempt(
+        self, delivery: Delivery, number: int, started: float, seconds: float,
+        outcome: Outcome, status: str, next_attempt_at: float | None,
+    ) -> None:
+        await self._store.write(
+            ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms)"
+             " VALUES (?, ?, ?, ?, ?, ?)",
+             (delivery.job_id, number, started, outcome.status_code, outcome.error, seconds * 1000)),
+            ("UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
+             " failed_at = ? WHERE job_id = ?",
+             (status, number, next_attempt_at, outcome.error,
+              started if status == "failed" else None, delivery.job_id)),
+        )
 
     async def _post(self, delivery: Delivery, number: int, timestamp: int) -> Outcome:
         if not self._config.allow_private_urls:
@@ -830,17 +1015,14 @@ def _receiver(url: str) -> str:
     return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
 
 
-def _log_attempt(
-    delivery: Delivery, number: int, outcome: Outcome, duration_ms: float, status: str, next_at: float | None
-) -> None:
-    if status == "delivered":
+def _log_attempt(delivery: Delivery, number: int, outcome: Outcome, seconds: float, next_at: float | None) -> None:
+    if outcome.success:
         log.info("attempt %s #%d %s -> %s in %.1f ms; delivered",
-                 delivery.job_id, number, delivery.url, outcome.status_code, duration_ms)
+                 delivery.job_id, number, delivery.url, outcome.status_code, seconds * 1000)
         return
-    what = outcome.status_code if outcome.error is None else outcome.error
     then = f"retry in {next_at - time.time():.1f} s" if next_at else "failed, in the dead-letter list"
     log.warning("attempt %s #%d %s -> %s in %.1f ms; %s",
-                delivery.job_id, number, delivery.url, what, duration_ms, then)
+                delivery.job_id, number, delivery.url, outcome.error, seconds * 1000, then)
 
 
 def webhook_payload(job_id: str, result: dict[str, Any] | None, error: str | None, completed_at: float) -> bytes:
@@ -864,8 +1046,8 @@ def webhook_payload(job_id: str, result: dict[str, Any] | None, error: str | Non
 class InferenceWorkers:
     """Coroutines that take jobs off the queue, predict, store the result and hand on the webhook.
 
-    The model runs in a thread, so a slow model never blocks the event loop; jobs waiting in the
-    queue go to the thread together, one hop per batch.
+    Jobs waiting in the queue are predicted together. A plug-in model, and VADER on batches
+    over VADER_INLINE_CHARS, run in a thread, so a slow model never blocks the event loop.
     """
 
     MAX_BATCH = 64
@@ -873,13 +1055,13 @@ class InferenceWorkers:
     def __init__(
         self, config: Config, store: Store, engine: DeliveryEngine, model: Model, metrics: Metrics
     ) -> None:
-        self._inline_chars = VADER_INLINE_CHARS if config.model == "vader" else 0
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self._config = config
         self._store = store
         self._engine = engine
         self._model = model
         self._metrics = metrics
+        self._inline_chars = VADER_INLINE_CHARS if config.model == "vader" else 0
         self._threads = ThreadPoolExecutor(config.workers, thread_name_prefix="webhookd-model")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -904,24 +1086,39 @@ class InferenceWorkers:
             jobs = [await self.queue.get()]
             while len(jobs) < self.MAX_BATCH and not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
-            await self._finish(jobs, await self._predict([job.text for job in jobs]))
+            outcomes = await self._predict([job.text for job in jobs])
+            try:
+                deliveries = await self._record_results(jobs, outcomes)
+            except Exception:
+                log.exception("could not store %d results; running those jobs again in 1 s", len(jobs))
+                await asyncio.sleep(1)
+                for job in jobs:
+                    self.queue.put_nowait(job)
+                continue
+            for delivery in deliveries:
+                self._engine.send(delivery)
 
     async def _predict(self, texts: list[str]) -> list[dict[str, Any] | Exception]:
         if sum(map(len, texts)) <= self._inline_chars:
             return predict_all(self._model, texts)
-        return await asyncio.get_running_loop().run_in_executor(self._threads, predict_all, self._model, texts)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, predict_all, self._model, texts)
 
-    async def _finish(self, jobs: list[Job], predictions: list[dict[str, Any] | Exception]) -> None:
+    async def _record_results(
+        self, jobs: list[Job], outcomes: list[dict[str, Any] | Exception]
+    ) -> list[Delivery]:
+        """Store each job's result and its webhook, due now; the deliveries to send."""
         now = time.time()
         statements: list[Statement] = []
         deliveries: list[Delivery] = []
-        for job, prediction in zip(jobs, predictions):
-            result, error = (None, f"model error: {prediction}") if isinstance(prediction, Exception) else (prediction, None)
+        for job, outcome in zip(jobs, outcomes):
+            result, error = (None, f"model error: {outcome}") if isinstance(outcome, Exception) else (outcome, None)
             statements.append((
                 "UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ? WHERE id = ?",
-                ("completed" if error is None else "failed",
-                 None if result is None else json.dumps(result), error, now, job.id),
+                ("completed" if error is None else "failed", result and json.dumps(result), error, now, job.id),
             ))
+            if error:
+                log.warning("job %s failed: %s", job.id, error)
             if job.webhook_url:
                 payload = webhook_payload(job.id, result, error, now)
                 statements.append((
@@ -931,13 +1128,10 @@ class InferenceWorkers:
                 ))
                 policy = self._config.retry.overridden(job.retry_policy)
                 deliveries.append(Delivery(job.id, job.webhook_url, payload, 0, 0, policy))
-            if error:
-                log.warning("job %s failed: %s", job.id, error)
         await self._store.write(*statements)
-        for job, prediction in zip(jobs, predictions):
-            self._metrics.job_finished(failed=isinstance(prediction, Exception))
-        for delivery in deliveries:
-            self._engine.send(delivery)
+        for outcome in outcomes:
+            self._metrics.job_finished(failed=isinstance(outcome, Exception))
+        return deliveries
 
 
 # ---------------------------------------------------------------------------
@@ -945,93 +1139,23 @@ class InferenceWorkers:
 # ---------------------------------------------------------------------------
 
 
-class Metrics:
-    """Counters for /metrics, kept in memory and seeded from the db at start-up."""
-
-    DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-    def __init__(self, jobs_by_status: dict[str, int], dead_letter: int) -> None:
-        self.jobs: Counter[str] = Counter({"processing": 0, "completed": 0, "failed": 0})
-        self.jobs.update(jobs_by_status)
-        self.dead_letter = dead_letter
-        self.attempts: Counter[str] = Counter()
-        self._bucket_counts = [0] * len(self.DURATION_BUCKETS)
-        self._duration_sum = 0.0
-        self._duration_count = 0
-
-    def job_accepted(self) -> None:
-        self.jobs["processing"] += 1
-
-    def job_finished(self, failed: bool) -> None:
-        self.jobs["processing"] -= 1
-        self.jobs["failed" if failed else "completed"] += 1
-
-    def attempt_made(self, outcome: Outcome, seconds: float, dead: bool) -> None:
-        self.attempts[_outcome_label(outcome)] += 1
-        self.dead_letter += dead
-        self._duration_sum += seconds
-        self._duration_count += 1
-        for i, bound in enumerate(self.DURATION_BUCKETS):
-            if seconds <= bound:
-                self._bucket_counts[i] += 1
-
-    def render(self, queue_depth: int, scheduled: int, in_flight: int) -> str:
-        """The Prometheus text exposition format, version 0.0.4."""
-        lines = [
-            "# HELP webhookd_jobs Jobs in the db by status.",
-            "# TYPE webhookd_jobs gauge",
-            *(f'webhookd_jobs{{status="{s}"}} {n}' for s, n in sorted(self.jobs.items())),
-            "# HELP webhookd_delivery_attempts_total Delivery attempts since start-up by outcome.",
-            "# TYPE webhookd_delivery_attempts_total counter",
-            *(f'webhookd_delivery_attempts_total{{outcome="{o}"}} {self.attempts[o]}' for o in OUTCOMES),
-            "# HELP webhookd_dead_letter_deliveries Deliveries that failed for good.",
-            "# TYPE webhookd_dead_letter_deliveries gauge",
-            f"webhookd_dead_letter_deliveries {self.dead_letter}",
-            "# HELP webhookd_queue_depth Jobs waiting for an inference worker.",
-            "# TYPE webhookd_queue_depth gauge",
-            f"webhookd_queue_depth {queue_depth}",
-            "# HELP webhookd_deliveries_scheduled Deliveries waiting for a retry.",
-            "# TYPE webhookd_deliveries_scheduled gauge",
-            f"webhookd_deliveries_scheduled {scheduled}",
-            "# HELP webhookd_attempts_in_flight Delivery attempts under way.",
-            "# TYPE webhookd_attempts_in_flight gauge",
-            f"webhookd_attempts_in_flight {in_flight}",
-            "# HELP webhookd_attempt_duration_seconds How long delivery attempts took.",
-            "# TYPE webhookd_attempt_duration_seconds histogram",
-            *(f'webhookd_attempt_duration_seconds_bucket{{le="{b}"}} {n}'
-              for b, n in zip(self.DURATION_BUCKETS, self._bucket_counts)),
-            f'webhookd_attempt_duration_seconds_bucket{{le="+Inf"}} {self._duration_count}',
-            f"webhookd_attempt_duration_seconds_sum {self._duration_sum:.6f}",
-            f"webhookd_attempt_duration_seconds_count {self._duration_count}",
-        ]
-        return "\n".join(lines) + "\n"
-
-
-OUTCOMES = ("success", "http_error", "timeout", "connection_error", "blocked")
-
-
-def _outcome_label(outcome: Outcome) -> str:
-    if outcome.success:
-        return "success"
-    if outcome.status_code is not None:
-        return "http_error"
-    error = outcome.error or ""
-    return next((label for label in ("timeout", "blocked") if error.startswith(label)), "connection_error")
-
-
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 ENGINE = web.AppKey("engine", DeliveryEngine)
 WORKERS = web.AppKey("workers", InferenceWorkers)
 METRICS = web.AppKey("metrics", Metrics)
-IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict)
+IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict[str, asyncio.Future[None]])
 
 
 async def predict(request: web.Request) -> web.Response:
     """POST /predict: accept a job, commit it, queue it; 202 with its id."""
     config = request.app[CONFIG]
     _require_json_content_type(request)
-    fields = parse_json_object(await request.read())
+    try:
+        body = await request.read()
+    except web.RequestPayloadError:
+        raise web.HTTPBadRequest(text="body could not be read: bad Content-Encoding or length") from None
+    fields = parse_json_object(body)
     job = job_from_fields(fields, config.allow_private_urls)
     key = _idempotency_key(request)
     if key is None:
@@ -1066,8 +1190,7 @@ async def webhook_status(request: web.Request) -> web.Response:
     """GET /webhooks/{job_id}/status: the delivery's status and every attempt."""
     job_id = request.match_info["job_id"]
     store = request.app[STORE]
-    url, delivery = await _find_webhook(store, job_id)
-    status = delivery[0] if delivery else "pending"
+    webhook = await _find_webhook(store, job_id)
     attempts = await store.fetch(
         "SELECT attempt, at, status_code, error, duration_ms FROM attempts"
         " WHERE job_id = ? ORDER BY attempt",
@@ -1075,15 +1198,15 @@ async def webhook_status(request: web.Request) -> web.Response:
     )
     return web.json_response({
         "job_id": job_id,
-        "webhook_url": url,
-        "delivery_status": status,
-        "next_attempt_at": iso_time(delivery[1]) if delivery else None,
+        "webhook_url": webhook.url,
+        "delivery_status": webhook.status,
+        "next_attempt_at": iso_time(webhook.next_attempt_at),
         "attempts": [
             {
                 "attempt": number,
                 "timestamp": iso_time(at),
                 "status_code": code,
-                "success": code is not None and 200 <= code < 300,
+                "success": is_success(code),
                 "error": error,
                 "duration_ms": round(duration_ms, 1),
             }
@@ -1113,11 +1236,10 @@ async def redeliver(request: web.Request) -> web.Response:
     """POST /webhooks/{job_id}/redeliver: a new round of attempts, same body and webhook-id."""
     job_id = request.match_info["job_id"]
     app = request.app
-    _, delivery = await _find_webhook(app[STORE], job_id)
+    webhook = await _find_webhook(app[STORE], job_id)
     engine = app[ENGINE]
-    status = delivery[0] if delivery else "pending"
-    if engine.is_active(job_id) or status in ("pending", "retrying"):
-        raise web.HTTPConflict(text=f"job {job_id} still has a round of attempts under way ({status})")
+    if engine.is_active(job_id) or webhook.status in ("pending", "retrying"):
+        raise web.HTTPConflict(text=f"job {job_id} still has a round of attempts under way ({webhook.status})")
     engine.claim(job_id)
     now = time.time()
     try:
@@ -1129,7 +1251,7 @@ async def redeliver(request: web.Request) -> web.Response:
     except BaseException:
         engine.release(job_id)
         raise
-    if status == "failed":
+    if webhook.status == "failed":
         app[METRICS].dead_letter -= 1
     engine.schedule(job_id, now)
     return web.json_response({"job_id": job_id, "delivery_status": "pending"}, status=202)
@@ -1175,7 +1297,9 @@ async def require_api_key(request: web.Request, handler: Callable[[web.Request],
     if request.path == "/healthz":
         return await handler(request)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if not (scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())):
+    # aiohttp decodes header bytes that are not UTF-8 as surrogates; encode them back the same way.
+    offered = token.strip().encode("utf-8", "surrogateescape")
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(offered, api_key.encode())):
         raise web.HTTPUnauthorized(
             text="missing or wrong API key: send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": 'Bearer realm="webhookd"'},
@@ -1266,12 +1390,6 @@ def _webhook_url(value: Any, allow_private_urls: bool) -> str | None:
     return value
 
 
-RETRY_POLICY_FIELDS = {  # name: (is an integer, lowest, highest, lowest allowed)
-    "max_retries": (True, 0, 20, True),
-    "backoff_base": (False, 0, 3600, False),
-    "backoff_factor": (False, 1, 10, True),
-}
-
 
 def _retry_policy(value: Any) -> dict[str, Any] | None:
     if value is None:
@@ -1279,23 +1397,12 @@ def _retry_policy(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise web.HTTPBadRequest(text="field 'retry_policy' must be an object")
     for name, number in value.items():
-        if name not in RETRY_POLICY_FIELDS:
+        if name not in RETRY_POLICY_BOUNDS:
             raise web.HTTPBadRequest(
-                text=f"unknown retry_policy field {name!r}; allowed: {', '.join(RETRY_POLICY_FIELDS)}"
+                text=f"unknown retry_policy field {name!r}; allowed: {', '.join(RETRY_POLICY_BOUNDS)}"
             )
-        integer, low, high, low_included = RETRY_POLICY_FIELDS[name]
-        kinds = (int,) if integer else (int, float)
-        in_range = (
-            isinstance(number, kinds)
-            and not isinstance(number, bool)
-            and math.isfinite(number)
-            and (low <= number if low_included else low < number)
-            and number <= high
-        )
-        if not in_range:
-            kind = "an integer" if integer else "a number"
-            bounds = f"{low}..{high}" if low_included else f"over {low} and at most {high}"
-            raise web.HTTPBadRequest(text=f"retry_policy.{name} must be {kind}, {bounds}")
+        if not RETRY_POLICY_BOUNDS[name].admits(number):
+            raise web.HTTPBadRequest(text=f"retry_policy.{name} must be {RETRY_POLICY_BOUNDS[name]}")
     return value or None
 
 
@@ -1307,7 +1414,8 @@ def _require_unicode(name: str, value: str) -> None:
 
 
 def _require_json_content_type(request: web.Request) -> None:
-    # A missing Content-Type is read as JSON; a declared other type is refused.
+    # A client that sends no Content-Type gets the benefit of the doubt; one that declares
+    # another type (curl -d sends a form) has made a mistake worth telling it about.
     if "Content-Type" not in request.headers:
         return
     content_type = request.content_type
@@ -1374,8 +1482,16 @@ async def _add_job_once(app: web.Application, job: Job, key: str, request_hash: 
     return row[0], bool(row[1]), True
 
 
-async def _find_webhook(store: Store, job_id: str) -> tuple[str, tuple[str, float | None] | None]:
-    """A job's webhook URL and its delivery (status, next attempt) if the job has finished."""
+class Webhook(NamedTuple):
+    """A job's webhook as the API shows it."""
+
+    url: str
+    status: str  # pending (the job may still be running), retrying, delivered or failed
+    next_attempt_at: float | None
+
+
+async def _find_webhook(store: Store, job_id: str) -> Webhook:
+    """A job's webhook; 404 if there is no such job or it has no webhook_url."""
     row = await store.fetch_one(
         "SELECT j.webhook_url, d.status, d.next_attempt_at FROM jobs j"
         " LEFT JOIN deliveries d ON d.job_id = j.id WHERE j.id = ?",
@@ -1385,11 +1501,11 @@ async def _find_webhook(store: Store, job_id: str) -> tuple[str, tuple[str, floa
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
     if row[0] is None:
         raise web.HTTPNotFound(text=f"job {job_id!r} has no webhook_url")
-    return row[0], (row[1], row[2]) if row[1] is not None else None
+    return Webhook(row[0], row[1] or "pending", row[2])
 
 
 def _limit(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 1000:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 1000:
         raise web.HTTPBadRequest(text="limit must be a whole number from 1 to 1000")
     return int(value)
 
@@ -1437,17 +1553,10 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(store.close)
         signer = Signer(config.secrets or [await _stored_secret(store, config.db)])
         metrics = Metrics(*await _counts(store))
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=config.max_in_flight,
-                resolver=None if config.allow_private_urls else PublicResolver(),
-            ),
-            timeout=aiohttp.ClientTimeout(total=config.timeout),
-            headers={"User-Agent": USER_AGENT},
-            # A receiver's cookies must not reach the next receiver, and answers are discarded.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-        )
+        resolver = None if config.allow_private_urls else PublicResolver()
+        if resolver:
+            stack.push_async_callback(resolver.close)  # a connector closes only a resolver it made
+        session = _client_session(config, resolver)
         stack.push_async_callback(session.close)
         engine = DeliveryEngine(config, store, signer, session, metrics)
         engine.start(await _scheduled_deliveries(store))
@@ -1456,11 +1565,27 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         workers.start(await _unfinished_jobs(store))
         stack.push_async_callback(workers.stop)
         app[STORE], app[ENGINE], app[WORKERS], app[METRICS] = store, engine, workers, metrics
-        pruner = asyncio.create_task(_prune_idempotency_keys(store))
-        stack.callback(pruner.cancel)
-        log.info("webhookd %s: %d jobs to finish, %d deliveries scheduled",
-                 __version__, workers.queue.qsize(), engine.scheduled)
+        stack.push_async_callback(_cancel, asyncio.create_task(_prune_idempotency_keys(store)))
+        log.info("webhookd %s: %d jobs to finish, %d deliveries scheduled; retries after %s s",
+                 __version__, workers.queue.qsize(), engine.scheduled,
+                 ", ".join(f"{d:g}" for d in retry_schedule(config.retry)) or "no retries")
         yield
+
+
+def _client_session(config: Config, resolver: AbstractResolver | None) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=config.max_in_flight, resolver=resolver),
+        timeout=aiohttp.ClientTimeout(total=config.timeout),
+        headers={"User-Agent": USER_AGENT},
+        # A receiver's cookies must not reach the next receiver, and answers are discarded.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+    )
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _stored_secret(store: Store, db: str) -> str:
@@ -1528,13 +1653,18 @@ def create_receiver(keys: list[bytes], fail_first: int = 0, echo: bool = True) -
         body = await request.read()
         webhook_id = request.headers.get("webhook-id", "")
         attempts_by_id[webhook_id] += 1
-        answer = 500 if attempts_by_id[webhook_id] <= fail_first else 200
+        x_signature_ok = verify_x_signature(keys, body, request.headers.get("X-Signature"))
+        webhook_signature_error = verify_webhook_signature(keys, body, request.headers, time.time())
+        if keys and not (x_signature_ok and webhook_signature_error is None):
+            answer = 401  # as a real receiver would: a forged webhook is not acted on
+        else:
+            answer = 500 if attempts_by_id[webhook_id] <= fail_first else 200
         entry = {
             "received_at": iso_time(time.time()),
             "webhook_id": webhook_id,
             "attempt": request.headers.get("X-Webhook-Attempt"),
-            "x_signature_ok": verify_x_signature(keys, body, request.headers.get("X-Signature")),
-            "webhook_signature_error": verify_webhook_signature(keys, body, request.headers, time.time()),
+            "x_signature_ok": x_signature_ok,
+            "webhook_signature_error": webhook_signature_error,
             "answered": answer,
             "body": body.decode("utf-8", "replace"),
         }
@@ -1604,15 +1734,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _option(parser: argparse.ArgumentParser, flag: str, default: Any, help: str, type: type = str) -> None:
-    env = "WEBHOOKD_" + flag[2:].upper().replace("-", "_")
+    env = _env_name(flag)
     value = os.environ.get(env, default)
     parser.add_argument(flag, default=value, type=type, help=f"{help} (env {env}; default {default})")
 
 
 def _flag(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
-    env = "WEBHOOKD_" + flag[2:].upper().replace("-", "_")
+    env = _env_name(flag)
     default = os.environ.get(env, "").lower() in ("1", "true", "yes", "on")
     parser.add_argument(flag, action="store_true", default=default, help=f"{help} (env {env})")
+
+
+def _env_name(flag: str) -> str:
+    return "WEBHOOKD_" + flag.removeprefix("--").upper().replace("-", "_")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
