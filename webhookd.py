@@ -193,7 +193,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     job_id          TEXT PRIMARY KEY,
     url             TEXT NOT NULL,
     payload         BLOB NOT NULL,     -- the exact bytes every attempt sends
-    status          TEXT NOT NULL,     -- pending | retrying | delivered | failed
+    status          TEXT NOT NULL,     -- pending | retrying | delivered | failed; stored, not
+                                       -- derived, so the dead-letter index can use it
     attempts        INTEGER NOT NULL DEFAULT 0,
     round_start     INTEGER NOT NULL DEFAULT 0,  -- attempts made before this round
     next_attempt_at REAL,              -- the durable schedule: set while pending or retrying
@@ -587,6 +588,19 @@ class Metrics:
 # ---------------------------------------------------------------------------
 # Delivery
 # ---------------------------------------------------------------------------
+
+
+def webhook_payload(job_id: str, result: dict[str, Any] | None, error: str | None, completed_at: float) -> bytes:
+    """The webhook body, compact UTF-8 JSON; stored, so every attempt sends the same bytes."""
+    body: dict[str, Any] = {
+        "job_id": job_id,
+        "status": "completed" if error is None else "failed",
+        "result": result,
+        "timestamp": iso_time(completed_at),
+    }
+    if error is not None:
+        body["error"] = error
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def retry_delay(
@@ -1023,19 +1037,6 @@ def _log_attempt(delivery: Delivery, number: int, outcome: Outcome, seconds: flo
     then = f"retry in {next_at - time.time():.1f} s" if next_at else "failed, in the dead-letter list"
     log.warning("attempt %s #%d %s -> %s in %.1f ms; %s",
                 delivery.job_id, number, delivery.url, outcome.error, seconds * 1000, then)
-
-
-def webhook_payload(job_id: str, result: dict[str, Any] | None, error: str | None, completed_at: float) -> bytes:
-    """The webhook body, compact UTF-8 JSON; stored, so every attempt sends the same bytes."""
-    body: dict[str, Any] = {
-        "job_id": job_id,
-        "status": "completed" if error is None else "failed",
-        "result": result,
-        "timestamp": iso_time(completed_at),
-    }
-    if error is not None:
-        body["error"] = error
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 # ---------------------------------------------------------------------------
