@@ -1201,6 +1201,11 @@ def test_config_reads_flags_then_environment(monkeypatch: pytest.MonkeyPatch) ->
     config = webhookd.config_from_args(webhookd.parse_args(["--max-retries", "2", "--secret", "a b"]))
     assert config.workers == 7 and config.retry.max_retries == 2 and config.allow_private_urls
     assert config.secrets == ("a", "b")
+    monkeypatch.setenv("WEBHOOKD_PORT", "8123")
+    monkeypatch.setenv("WEBHOOKD_SECRET", "shared")
+    receive = webhookd.parse_args(["receive"])
+    assert receive.port == 9000 and receive.secret == "shared"  # never the service's port
+    monkeypatch.delenv("WEBHOOKD_PORT")
     defaults = webhookd.config_from_args(webhookd.parse_args(["serve"]))
     assert defaults.port == 8000 and defaults.retry.max_retries == 5
     assert webhookd.retry_schedule(Config().retry) == [1.0, 2.0, 4.0]
@@ -1245,6 +1250,8 @@ async def test_receive_command_verifies_fails_first_attempts_and_lists(
     callbacks = (await (await receiver.get("/callbacks")).json())["callbacks"]
     assert [c["answered"] for c in callbacks] == [500, 200]
     assert all(c["x_signature_ok"] and c["webhook_signature_error"] is None for c in callbacks)
+    assert callbacks[0]["headers"]["webhook-id"] == accepted["job_id"]
+    assert callbacks[0]["headers"]["X-Signature"].startswith("sha256=")
     forged = await receiver.post("/callback", data=b"{}", headers={"X-Signature": "sha256=00"})
     assert forged.status == 401
     last = (await (await receiver.get("/callbacks")).json())["callbacks"][-1]

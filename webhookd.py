@@ -1571,6 +1571,7 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
                  __version__, workers.queue.qsize(), engine.scheduled,
                  ", ".join(f"{d:g}" for d in retry_schedule(config.retry)) or "no retries")
         yield
+        log.info("webhookd stopping; what is unfinished stays in %s for the next start", config.db)
 
 
 def _client_session(config: Config, resolver: AbstractResolver | None) -> aiohttp.ClientSession:
@@ -1645,6 +1646,9 @@ async def _forget_old_idempotency_keys(store: Store) -> None:
 # ---------------------------------------------------------------------------
 
 
+SIGNED_HEADERS = ("X-Signature", "webhook-id", "webhook-timestamp", "webhook-signature", "X-Webhook-Attempt")
+
+
 def create_receiver(keys: list[bytes], fail_first: int = 0, echo: bool = True) -> web.Application:
     """A receiver for manual tests: verifies both signatures, prints each webhook, lists them."""
     received: deque[dict[str, Any]] = deque(maxlen=1000)
@@ -1667,6 +1671,7 @@ def create_receiver(keys: list[bytes], fail_first: int = 0, echo: bool = True) -
             "x_signature_ok": x_signature_ok,
             "webhook_signature_error": webhook_signature_error,
             "answered": answer,
+            "headers": {h: request.headers[h] for h in SIGNED_HEADERS if h in request.headers},
             "body": body.decode("utf-8", "replace"),
         }
         received.append(entry)
@@ -1707,7 +1712,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="webhookd.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the service (the default)")
+    serve = commands.add_parser(
+        "serve", help="run the service (the default)",
+        epilog="python webhookd.py receive --help: the verifying receiver for manual tests",
+    )
     _option(serve, "--host", "127.0.0.1", "listen address")
     _option(serve, "--port", 8000, "listen port (0: any free port; the chosen one is printed)", int)
     _option(serve, "--db", "webhookd.db", "SQLite file; all jobs, deliveries and attempts live here")
@@ -1726,16 +1734,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     _option(serve, "--log-level", "info", "debug, info, warning or error")
 
     receive = commands.add_parser("receive", help="run a verifying receiver for manual tests")
-    _option(receive, "--host", "127.0.0.1", "listen address")
-    _option(receive, "--port", 9000, "listen port", int)
+    # The receiver shares the service's secret and db variables, but not where it listens.
+    _option(receive, "--host", "127.0.0.1", "listen address", env="WEBHOOKD_RECEIVE_HOST")
+    _option(receive, "--port", 9000, "listen port", int, env="WEBHOOKD_RECEIVE_PORT")
     _option(receive, "--secret", None, "the service's secret(s); default: read from --db")
     _option(receive, "--db", "webhookd.db", "where to find the generated secret when --secret is not given")
-    _option(receive, "--fail-first", 0, "answer 500 to the first N attempts of each webhook", int)
+    _option(receive, "--fail-first", 0, "answer 500 to the first N attempts of each webhook", int,
+            env="WEBHOOKD_RECEIVE_FAIL_FIRST")
     return parser.parse_args(argv)
 
 
-def _option(parser: argparse.ArgumentParser, flag: str, default: Any, help: str, type: type = str) -> None:
-    env = _env_name(flag)
+def _option(
+    parser: argparse.ArgumentParser, flag: str, default: Any, help: str, type: type = str, env: str | None = None
+) -> None:
+    env = env or _env_name(flag)
     value = os.environ.get(env, default)
     parser.add_argument(flag, default=value, type=type, help=f"{help} (env {env}; default {default})")
 
@@ -1781,7 +1793,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"webhookd: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    web.run_app(
+    return _run(
         create_app(config),
         loop=_event_loop(),
         host=config.host,
@@ -1789,6 +1801,15 @@ def main(argv: list[str] | None = None) -> int:
         access_log=logging.getLogger("aiohttp.access") if config.log_level == "debug" else None,
         shutdown_timeout=config.timeout,
     )
+
+
+def _run(app: web.Application, **options: Any) -> int:
+    try:
+        web.run_app(app, **options)
+    except OSError as exc:  # most often: the port is taken
+        print(f"webhookd: cannot listen on {options['host']}:{options['port']}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -1811,9 +1832,8 @@ def _receive(args: argparse.Namespace) -> int:
         print("webhookd receive: no --secret and none in the db: signatures will not be checked", flush=True)
     print(f"webhookd receive: POST webhooks to http://{args.host}:{args.port}/callback;"
           f" GET /callbacks lists them", flush=True)
-    web.run_app(create_receiver(keys, args.fail_first), host=args.host, port=args.port,
+    return _run(create_receiver(keys, args.fail_first), host=args.host, port=args.port,
                 access_log=None, print=None)
-    return 0
 
 
 def _secret_in_db(path: str) -> list[str]:
