@@ -369,6 +369,9 @@ def test_retry_delay_caps_jitters_and_hears_retry_after() -> None:
     assert webhookd.retry_delay(1, policy, retry_after=120, draw=lambda: 0.5) == 120  # lengthened
     assert webhookd.retry_delay(1, policy, retry_after=9999, draw=lambda: 0.5) == 500  # still capped
     assert webhookd.retry_delay(2, policy, retry_after=1, draw=lambda: 0.5) == 100  # never shortened
+    huge = RetryPolicy(backoff_factor=10, backoff_max=60, backoff_jitter=1)
+    assert webhookd.retry_delay(10_000, huge, draw=lambda: 0.0) == 0  # no overflow, no NaN
+    assert webhookd.retry_delay(10_000, huge, draw=lambda: 0.75) == 60
     spread = {webhookd.retry_delay(1, RetryPolicy(backoff_jitter=0.2)) for _ in range(50)}
     assert len(spread) > 1 and all(0.8 <= d <= 1.2 for d in spread)
 

@@ -40,7 +40,6 @@ import importlib
 import ipaddress
 import json
 import logging
-import math
 import os
 import random
 import secrets
@@ -612,9 +611,9 @@ def retry_delay(
 ) -> float:
     """Seconds to wait before retry number `retry` (from 1), the receiver's Retry-After heard."""
     try:
-        delay = policy.backoff_base * policy.backoff_factor ** (retry - 1)
+        delay = min(policy.backoff_base * policy.backoff_factor ** (retry - 1), policy.backoff_max)
     except OverflowError:  # a server-wide --max-retries has no upper bound
-        delay = math.inf
+        delay = policy.backoff_max
     delay *= 1 + policy.backoff_jitter * (2 * draw() - 1)
     if retry_after is not None:
         delay = max(delay, retry_after)
