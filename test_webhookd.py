@@ -564,14 +564,21 @@ async def test_status_shows_pending_retrying_and_the_whole_history(
         assert attempt["timestamp"].endswith("Z") and attempt["duration_ms"] >= 0
 
 
-async def test_status_is_retrying_with_the_next_attempt_time(
-    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
-) -> None:
+async def retrying_job(make_service: Callable[..., Any], make_receiver: Callable[..., Any]) -> tuple[TestClient, str]:
+    """A service, and a job whose first attempt failed and whose retry is a minute away."""
     service = await make_service(retry=RetryPolicy(backoff_base=60))
     receiver = await make_receiver(lambda arrival, n: web.Response(status=500))
     accepted = await submit(service, webhook_url=receiver.url())
-    status = await wait_for_status(service, accepted["job_id"], "retrying")
-    assert len(status["attempts"]) == 1
+    await wait_for_status(service, accepted["job_id"], "retrying")
+    return service, accepted["job_id"]
+
+
+async def test_status_is_retrying_with_the_next_attempt_time(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service, job_id = await retrying_job(make_service, make_receiver)
+    status = await delivery_status(service, job_id)
+    assert status["delivery_status"] == "retrying" and len(status["attempts"]) == 1
     wait = _parse_iso(status["next_attempt_at"]) - _parse_iso(status["attempts"][0]["timestamp"])
     assert wait == pytest.approx(60, abs=2)
 
@@ -641,11 +648,8 @@ async def test_redeliver_is_409_while_the_job_runs_and_404_without_a_webhook(
 async def test_redeliver_is_409_while_a_round_runs_and_404_when_unknown(
     make_service: Callable[..., Any], make_receiver: Callable[..., Any]
 ) -> None:
-    service = await make_service(retry=RetryPolicy(backoff_base=60))
-    receiver = await make_receiver(lambda arrival, n: web.Response(status=500))
-    accepted = await submit(service, webhook_url=receiver.url())
-    await wait_for_status(service, accepted["job_id"], "retrying")
-    response = await service.post(f"/webhooks/{accepted['job_id']}/redeliver")
+    service, job_id = await retrying_job(make_service, make_receiver)
+    response = await service.post(f"/webhooks/{job_id}/redeliver")
     assert response.status == 409 and "retrying" in (await response.json())["error"]
     assert (await service.post("/webhooks/job-unknown/redeliver")).status == 404
 
