@@ -271,6 +271,12 @@ def broken_model(text: str) -> dict[str, Any]:
     raise RuntimeError("the model fell over")
 
 
+def picky_model(text: str) -> dict[str, Any]:
+    if text == "poison":
+        raise ValueError("bad byte \ud800")
+    return {"sentiment": "neutral", "confidence": 0.5}
+
+
 def sleepy_model(text: str) -> dict[str, Any]:
     time.sleep(0.5)
     return {"sentiment": "neutral", "confidence": 0.5}
@@ -678,7 +684,7 @@ async def test_dead_letter_is_newest_first_and_limited(service: TestClient) -> N
     assert [d["job_id"] for d in dead["deliveries"]] == ids[::-1]
     limited = await (await service.get("/webhooks/dead-letter?limit=2")).json()
     assert [d["job_id"] for d in limited["deliveries"]] == ids[:0:-1]
-    for bad in ("0", "-1", "abc", "100000"):
+    for bad in ("0", "-1", "abc", "100000", "9" * 5000):
         response = await service.get(f"/webhooks/dead-letter?limit={bad}")
         assert response.status == 400 and "limit" in (await response.json())["error"]
 
@@ -745,6 +751,36 @@ async def test_many_slow_receivers_still_leave_room_for_healthy_ones(
         assert not release.is_set()
     finally:
         release.set()
+
+
+async def test_slow_receivers_take_turns_in_their_share(config: Config, tmp_path: Path) -> None:
+    started: list[str] = []
+
+    async def no_answer(self: Any, delivery: webhookd.Delivery, number: int, timestamp: int) -> webhookd.Outcome:
+        started.append(delivery.url)
+        await asyncio.sleep(0.01)
+        return webhookd.Outcome(None, "timeout: no complete answer")
+
+    class NoStore:
+        async def write(self, *statements: Any) -> None:
+            pass
+
+    engine = webhookd.DeliveryEngine(replace(config, max_in_flight=4), NoStore(), None, None,
+                                     webhookd.Metrics({}, 0))
+    engine._post = no_answer.__get__(engine)
+    urls = [f"http://127.0.0.1:{port}/hook" for port in (1001, 1002, 1003)]
+    for url in urls:  # all three known to be slow: together they get 2 of the 4 slots
+        engine._note_speed(webhookd._receiver(url), webhookd.Outcome(None, "timeout"), 10)
+    for n in range(4):
+        for url in urls:
+            engine.send(webhookd.Delivery(f"job-{url[-9:-5]}-{n}", url, b"{}", 0, 0, RetryPolicy()))
+    while engine.in_flight:
+        await asyncio.sleep(0.01)
+    assert len(started) == 12
+    # Round robin: no receiver is served twice before each of the others was served once more.
+    for window in range(0, 12, 3):
+        assert sorted(started[window:window + 3]) == urls, started
+    await engine.stop()
 
 
 async def test_pending_retries_wait_in_the_schedule_not_in_coroutines(
@@ -865,6 +901,22 @@ async def test_sigterm_stops_gracefully_and_keeps_the_schedule(
     assert status == "retrying" and next_at > time.time() + 500
 
 
+def test_a_taken_port_is_a_one_line_error_before_anything_runs(tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        db = tmp_path / "never.db"
+        done = subprocess.run(
+            [sys.executable, str(HERE / "webhookd.py"), "--port", str(port), "--db", str(db)],
+            capture_output=True, text=True, timeout=DEADLINE,
+            env={k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")},
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+    assert not db.exists()  # no job was run, no webhook sent
+
+
 async def test_sigterm_lets_an_attempt_in_flight_finish_and_stores_it(
     make_receiver: Callable[..., Any], config: Config
 ) -> None:
@@ -903,8 +955,21 @@ async def test_a_failed_db_write_is_tried_again_not_lost(
     status = await wait_for_status(service, job_id, "delivered")
     assert failures == {"UPDATE jobs SET status": 0, "INSERT INTO attempts": 0}
     assert [a["attempt"] for a in status["attempts"]] == [1]
-    assert len(receiver.arrivals) == 2  # the attempt whose record was lost is made again
+    assert len(receiver.arrivals) == 1  # only the write is tried again, never the POST
     assert "database is locked" in caplog.text
+
+
+async def test_a_model_error_that_is_not_valid_unicode_fails_only_its_job(
+    make_service: Callable[..., Any], receiver: Receiver
+) -> None:
+    service = await make_service(model="test_webhookd:picky_model")
+    bad = (await submit(service, "poison", webhook_url=receiver.url()))["job_id"]
+    good = (await submit(service, "fine", webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(service, good, "delivered")
+    status = await wait_for_status(service, bad, "delivered")
+    assert status["delivery_status"] == "delivered"
+    job = await (await service.get(f"/jobs/{bad}")).json()
+    assert job["status"] == "failed" and "\\ud800" in job["error"]
 
 
 # ---------------------------------------------------------------------------

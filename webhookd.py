@@ -40,6 +40,7 @@ import importlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -144,12 +145,12 @@ class Config:
                 (self.workers < 1, "--workers must be at least 1"),
                 (not 0 < self.timeout <= 3600, "--timeout must be between 0 and 3600 seconds"),
                 (self.max_in_flight < 1, "--max-in-flight must be at least 1"),
-                (self.retry.max_retries < 0, "--max-retries must be 0 or more"),
+                (not 0 <= self.retry.max_retries <= 100, "--max-retries must be 0 to 100"),
                 (not RETRY_POLICY_BOUNDS["backoff_base"].admits(self.retry.backoff_base),
                  f"--backoff-base must be {RETRY_POLICY_BOUNDS['backoff_base']}"),
                 (not RETRY_POLICY_BOUNDS["backoff_factor"].admits(self.retry.backoff_factor),
                  f"--backoff-factor must be {RETRY_POLICY_BOUNDS['backoff_factor']}"),
-                (self.retry.backoff_max <= 0, "--backoff-max must be positive"),
+                (not 0 < self.retry.backoff_max < math.inf, "--backoff-max must be a positive number of seconds"),
                 (not 0 <= self.retry.backoff_jitter <= 1, "--backoff-jitter must be in [0, 1]"),
                 (self.log_level not in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}"),
                 (not 0 <= self.port <= 65535, "--port must be 0 to 65535"),
@@ -428,7 +429,7 @@ def verify_webhook_signature(keys: Iterable[bytes], body: bytes, headers: Any, n
     """Why a Standard Webhooks signature does not verify, or None when it does."""
     webhook_id = headers.get("webhook-id", "")
     timestamp = headers.get("webhook-timestamp", "")
-    if not webhook_id or not (timestamp.isascii() and timestamp.isdigit()):
+    if not webhook_id or not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
         return "missing webhook-id or webhook-timestamp"
     if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
         return "webhook-timestamp is more than 5 minutes away"
@@ -502,6 +503,11 @@ def predict_all(model: Model, texts: list[str]) -> list[dict[str, Any] | Excepti
         except Exception as exc:  # a model's failure is one job's failure, never the worker's
             results.append(exc)
     return results
+
+
+def _error_text(error: Exception) -> str:
+    # A model's message may hold anything, unpaired surrogates included; the db and JSON take UTF-8.
+    return f"model error: {error}".encode("utf-8", "backslashreplace").decode()
 
 
 def _checked_prediction(prediction: Any) -> dict[str, Any]:
@@ -767,7 +773,7 @@ class DeliveryEngine:
         self._ready: OrderedDict[str, None] = OrderedDict()  # receivers with work and a free slot
         self._slow: OrderedDict[str, None] = OrderedDict()
         self._slow_in_flight = 0
-        self._waiting_for_slow_share: set[str] = set()
+        self._waiting_for_slow_share: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._attempts: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._timer_task: asyncio.Task[None] | None = None
@@ -873,7 +879,7 @@ class DeliveryEngine:
         if self._busy[receiver] >= self._per_receiver:
             return False
         if receiver in self._slow and self._slow_in_flight >= self._slow_share:
-            self._waiting_for_slow_share.add(receiver)
+            self._waiting_for_slow_share.setdefault(receiver)
             return False
         return True
 
@@ -893,21 +899,25 @@ class DeliveryEngine:
             self._slow_in_flight += slow
             task = asyncio.create_task(self._attempt(delivery, receiver))
             self._attempts.add(task)
-            task.add_done_callback(lambda t, r=receiver, s=slow: self._attempt_done(t, r, s))
+            task.add_done_callback(
+                lambda t, d=delivery, r=receiver, s=slow: self._attempt_done(t, d.job_id, r, s)
+            )
             self._mark_ready(receiver)
 
-    def _attempt_done(self, task: asyncio.Task[None], receiver: str, slow: bool) -> None:
+    def _attempt_done(self, task: asyncio.Task[None], job_id: str, receiver: str, slow: bool) -> None:
         self._attempts.discard(task)
         self._busy[receiver] -= 1
         self._slow_in_flight -= slow
         if not task.cancelled() and task.exception() is not None:
-            log.error("delivery attempt crashed", exc_info=task.exception())
+            log.error("attempt for %s crashed; trying again in a minute", job_id, exc_info=task.exception())
+            self.schedule(job_id, time.time() + 60)
         if self._busy[receiver] == 0 and not self._queues.get(receiver):
             del self._busy[receiver]
             self._queues.pop(receiver, None)
-        waiting = [receiver]
+        # The slow receivers that waited for a share go before this one, or it would take the
+        # slot it just freed again and again.
+        waiting = [*self._waiting_for_slow_share, receiver] if slow else [receiver]
         if slow:
-            waiting += self._waiting_for_slow_share
             self._waiting_for_slow_share.clear()
         for other in waiting:
             self._mark_ready(other)
@@ -921,13 +931,7 @@ class DeliveryEngine:
         seconds = time.perf_counter() - clock
         self._note_speed(receiver, outcome, seconds)
         status, next_attempt_at = self._next_step(delivery, number, outcome, time.time())
-        try:
-            await self._record_attempt(delivery, number, started, seconds, outcome, status, next_attempt_at)
-        except Exception:
-            # The db is unchanged, so the same attempt is simply made again.
-            log.exception("could not store attempt %d of %s; trying again in 1 s", number, delivery.job_id)
-            self.schedule(delivery.job_id, time.time() + 1)
-            return
+        await self._record_attempt(delivery, number, started, seconds, outcome, status, next_attempt_at)
         self._metrics.attempt_made(outcome.label, seconds, dead=status == "failed")
         _log_attempt(delivery, number, outcome, seconds, next_attempt_at)
         if next_attempt_at is None:
@@ -956,6 +960,21 @@ class DeliveryEngine:
         return "retrying", now + retry_delay(retry, delivery.policy, outcome.retry_after)
 
     async def _record_attempt(
+        self, delivery: Delivery, number: int, started: float, seconds: float,
+        outcome: Outcome, status: str, next_attempt_at: float | None,
+    ) -> None:
+        # What the receiver answered is known: only the write is tried again, never the POST.
+        pause = 0.1
+        while True:
+            try:
+                return await self._write_attempt(delivery, number, started, seconds, outcome, status, next_attempt_at)
+            except Exception:
+                log.exception("could not store attempt %d of %s; trying again in %.1f s",
+                              number, delivery.job_id, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30)
+
+    async def _write_attempt(
         self, delivery: Delivery, number: int, started: float, seconds: float,
         outcome: Outcome, status: str, next_attempt_at: float | None,
     ) -> None:
@@ -1113,7 +1132,7 @@ class InferenceWorkers:
         statements: list[Statement] = []
         deliveries: list[Delivery] = []
         for job, outcome in zip(jobs, outcomes):
-            result, error = (None, f"model error: {outcome}") if isinstance(outcome, Exception) else (outcome, None)
+            result, error = (None, _error_text(outcome)) if isinstance(outcome, Exception) else (outcome, None)
             statements.append((
                 "UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ? WHERE id = ?",
                 ("completed" if error is None else "failed", result and json.dumps(result), error, now, job.id),
@@ -1300,7 +1319,8 @@ async def require_api_key(request: web.Request, handler: Callable[[web.Request],
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     # aiohttp decodes header bytes that are not UTF-8 as surrogates; encode them back the same way.
     offered = token.strip().encode("utf-8", "surrogateescape")
-    if not (scheme.lower() == "bearer" and hmac.compare_digest(offered, api_key.encode())):
+    expected = api_key.encode("utf-8", "surrogateescape")
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(offered, expected)):
         raise web.HTTPUnauthorized(
             text="missing or wrong API key: send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": 'Bearer realm="webhookd"'},
@@ -1389,7 +1409,6 @@ def _webhook_url(value: Any, allow_private_urls: bool) -> str | None:
             text=f"{reason}; for local testing start webhookd with --allow-private-urls"
         )
     return value
-
 
 
 def _retry_policy(value: Any) -> dict[str, Any] | None:
@@ -1506,7 +1525,7 @@ async def _find_webhook(store: Store, job_id: str) -> Webhook:
 
 
 def _limit(value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 1000:
+    if not (value.isascii() and value.isdigit() and len(value) <= 4) or not 1 <= int(value) <= 1000:
         raise web.HTTPBadRequest(text="limit must be a whole number from 1 to 1000")
     return int(value)
 
@@ -1567,9 +1586,10 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(workers.stop)
         app[STORE], app[ENGINE], app[WORKERS], app[METRICS] = store, engine, workers, metrics
         stack.push_async_callback(_cancel, asyncio.create_task(_prune_idempotency_keys(store)))
+        waits = [f"{wait:g}" for wait in retry_schedule(config.retry)]
         log.info("webhookd %s: %d jobs to finish, %d deliveries scheduled; retries after %s s",
                  __version__, workers.queue.qsize(), engine.scheduled,
-                 ", ".join(f"{d:g}" for d in retry_schedule(config.retry)) or "no retries")
+                 ", ".join(waits[:5]) + (", ..." if len(waits) > 5 else "") if waits else "no")
         yield
         log.info("webhookd stopping; what is unfinished stays in %s for the next start", config.db)
 
@@ -1629,7 +1649,10 @@ async def _unfinished_jobs(store: Store) -> list[Job]:
 
 async def _prune_idempotency_keys(store: Store) -> None:
     while True:
-        await _forget_old_idempotency_keys(store)
+        try:
+            await _forget_old_idempotency_keys(store)
+        except Exception:
+            log.exception("could not forget old idempotency keys; trying again in an hour")
         await asyncio.sleep(3600)
 
 
@@ -1739,8 +1762,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     _option(receive, "--port", 9000, "listen port", int, env="WEBHOOKD_RECEIVE_PORT")
     _option(receive, "--secret", None, "the service's secret(s); default: read from --db")
     _option(receive, "--db", "webhookd.db", "where to find the generated secret when --secret is not given")
-    _option(receive, "--fail-first", 0, "answer 500 to the first N attempts of each webhook", int,
-            env="WEBHOOKD_RECEIVE_FAIL_FIRST")
+    _option(receive, "--fail-first", 0, "answer 500 to the first N attempts of each webhook", int)
     return parser.parse_args(argv)
 
 
@@ -1809,13 +1831,16 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-def _run(app: web.Application, **options: Any) -> int:
+def _run(app: web.Application, host: str, port: int, **options: Any) -> int:
+    # Bound before the app starts, so that an instance that cannot listen stops before it
+    # runs a job or sends a webhook.
     try:
-        web.run_app(app, **options)
-    except OSError as exc:  # most often: the port is taken
-        print(f"webhookd: cannot listen on {options['host']}:{options['port']}: {exc.strerror or exc}",
-              file=sys.stderr)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as exc:
+        print(f"webhookd: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    web.run_app(app, sock=sock, **options)
     return 0
 
 
