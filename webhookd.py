@@ -96,7 +96,9 @@ class Bound(NamedTuple):
 
     def __str__(self) -> str:
         kind = "an integer" if self.integer else "a number"
-        return f"{kind}, {self.low:g}..{self.high:g}" if self.low_included else f"{kind} over {self.low:g}, at most {self.high:g}"
+        if self.low_included:
+            return f"{kind}, {self.low:g}..{self.high:g}"
+        return f"{kind} over {self.low:g}, at most {self.high:g}"
 
 
 RETRY_POLICY_BOUNDS = {  # what a job's own retry_policy may ask for
@@ -228,7 +230,7 @@ class Job:
     retry_policy: dict[str, Any] | None
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """One job's webhook: the bytes to send and how far its attempts have got."""
 
@@ -495,7 +497,7 @@ def load_model(spec: str) -> Model:
 
 
 def predict_all(model: Model, texts: list[str]) -> list[dict[str, Any] | Exception]:
-    """Each text's prediction, or the exception it raised; runs in a model thread."""
+    """Each text's prediction, or the exception it raised (on the event loop or in a model thread)."""
     results: list[dict[str, Any] | Exception] = []
     for text in texts:
         try:
@@ -916,8 +918,9 @@ class DeliveryEngine:
             self._queues.pop(receiver, None)
         # The slow receivers that waited for a share go before this one, or it would take the
         # slot it just freed again and again.
-        waiting = [*self._waiting_for_slow_share, receiver] if slow else [receiver]
+        waiting = [receiver]
         if slow:
+            waiting[:0] = self._waiting_for_slow_share
             self._waiting_for_slow_share.clear()
         for other in waiting:
             self._mark_ready(other)
@@ -963,22 +966,7 @@ class DeliveryEngine:
         self, delivery: Delivery, number: int, started: float, seconds: float,
         outcome: Outcome, status: str, next_attempt_at: float | None,
     ) -> None:
-        # What the receiver answered is known: only the write is tried again, never the POST.
-        pause = 0.1
-        while True:
-            try:
-                return await self._write_attempt(delivery, number, started, seconds, outcome, status, next_attempt_at)
-            except Exception:
-                log.exception("could not store attempt %d of %s; trying again in %.1f s",
-                              number, delivery.job_id, pause)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 30)
-
-    async def _write_attempt(
-        self, delivery: Delivery, number: int, started: float, seconds: float,
-        outcome: Outcome, status: str, next_attempt_at: float | None,
-    ) -> None:
-        await self._store.write(
+        statements = (
             ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms)"
              " VALUES (?, ?, ?, ?, ?, ?)",
              (delivery.job_id, number, started, outcome.status_code, outcome.error, seconds * 1000)),
@@ -987,6 +975,16 @@ class DeliveryEngine:
              (status, number, next_attempt_at, outcome.error,
               started if status == "failed" else None, delivery.job_id)),
         )
+        # What the receiver answered is known: only the write is tried again, never the POST.
+        pause = 0.1
+        while True:
+            try:
+                return await self._store.write(*statements)
+            except Exception:
+                log.exception("could not store attempt %d of %s; trying again in %.1f s",
+                              number, delivery.job_id, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30)
 
     async def _post(self, delivery: Delivery, number: int, timestamp: int) -> Outcome:
         if not self._config.allow_private_urls:
@@ -1026,7 +1024,7 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
 
 def _outcome_of(response: aiohttp.ClientResponse, now: float) -> Outcome:
     code = response.status
-    if 200 <= code < 300:
+    if is_success(code):
         return Outcome(code, None)
     if code == 410:
         return Outcome(code, "HTTP 410 Gone: the receiver asked for no more deliveries", final=True)
@@ -1586,10 +1584,11 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(workers.stop)
         app[STORE], app[ENGINE], app[WORKERS], app[METRICS] = store, engine, workers, metrics
         stack.push_async_callback(_cancel, asyncio.create_task(_prune_idempotency_keys(store)))
-        waits = [f"{wait:g}" for wait in retry_schedule(config.retry)]
+        waits = ", ".join(f"{wait:g}" for wait in retry_schedule(config.retry)[:5]) or "no"
+        if config.retry.max_retries > 5:
+            waits += ", ..."
         log.info("webhookd %s: %d jobs to finish, %d deliveries scheduled; retries after %s s",
-                 __version__, workers.queue.qsize(), engine.scheduled,
-                 ", ".join(waits[:5]) + (", ..." if len(waits) > 5 else "") if waits else "no")
+                 __version__, workers.queue.qsize(), engine.scheduled, waits)
         yield
         log.info("webhookd stopping; what is unfinished stays in %s for the next start", config.db)
 
