@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from hypothesis import HealthCheck, given, settings, strategies as st
 from aiohttp.test_utils import TestClient
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -766,11 +769,11 @@ async def test_slow_receivers_take_turns_in_their_share(config: Config, tmp_path
             pass
 
     engine = webhookd.DeliveryEngine(replace(config, max_in_flight=4), NoStore(), None, None,
-                                     webhookd.Metrics({}, 0))
+                                     webhookd.Metrics({}, 0), webhookd.Loops())
     engine._post = no_answer.__get__(engine)
     urls = [f"http://127.0.0.1:{port}/hook" for port in (1001, 1002, 1003)]
     for url in urls:  # all three known to be slow: together they get 2 of the 4 slots
-        engine._note_speed(webhookd._receiver(url), webhookd.Outcome(None, "timeout"), 10)
+        engine._note_speed(webhookd.webhook_target(url).receiver, webhookd.Outcome(None, "timeout"), 10)
     for n in range(4):
         for url in urls:
             engine.send(webhookd.Delivery(f"job-{url[-9:-5]}-{n}", url, b"{}", 0, 0, RetryPolicy()))
@@ -1102,6 +1105,166 @@ async def test_fuzzed_bodies_never_get_a_5xx(service: TestClient) -> None:
         response = await service.post("/predict", data=body, headers={"Content-Type": "application/json"})
         assert response.status < 500, (body, await response.text())
         assert response.content_type == "application/json"
+
+
+# ---------------------------------------------------------------------------
+# No single URL, job or delivery stops the others
+# ---------------------------------------------------------------------------
+
+
+class LoopbackResolver(AbstractResolver):
+    """Resolves every host name to 127.0.0.1, so that any accepted URL reaches a test receiver."""
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
+        return [ResolveResult(hostname=host, host="127.0.0.1", port=port, family=socket.AF_INET,
+                              proto=0, flags=0)]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def loopback_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    session = webhookd._client_session
+    monkeypatch.setattr(webhookd, "_client_session", lambda config, _: session(config, LoopbackResolver()))
+
+
+@pytest.mark.parametrize("host", ["xn--a.example", "xn--zz", "xn--a.com", "XN--A.example", "%41.com",
+                                  "a..b", "-" * 64 + ".com"])
+async def test_hosts_delivery_cannot_use_are_a_400_naming_the_host(service: TestClient, host: str) -> None:
+    response = await service.post("/predict", json={"text": "hi", "webhook_url": f"http://{host}/hook"})
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert error.startswith("field 'webhook_url'") and ("host" in error or "URL" in error), error
+
+
+def test_webhook_target_keys_receivers_by_the_host_as_sent() -> None:
+    assert webhookd.webhook_target("http://Bücher.example/x").receiver == "http://xn--bcher-kva.example:80"
+    assert webhookd.webhook_target("https://a_b.example.com/").receiver == "https://a_b.example.com:443"
+    assert webhookd.webhook_target("http://[::1]:81/").host == "::1"
+
+
+HOST_LABELS = st.one_of(
+    st.text(alphabet="abz09-_%üß☃XN", min_size=1, max_size=12),
+    st.builds("xn--{}".format, st.text(alphabet="abz09-", max_size=8)),
+)
+FUZZED_HOSTS = st.builds(
+    lambda labels, last: ".".join([*labels, last]),
+    st.lists(HOST_LABELS, max_size=3),
+    st.sampled_from(["example", "com", "xn--a", "xn--zz", "xn--bcher-kva", "bücher", "test.", "Example"]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(host=FUZZED_HOSTS)
+async def test_every_accepted_url_is_delivered_and_other_jobs_go_on(
+    loopback_dns: None, service: TestClient, receiver: Receiver, host: str
+) -> None:
+    url = f"http://{host}:{receiver.server.port}/hook"
+    response = await service.post("/predict", json={"text": "fuzz", "webhook_url": url})
+    assert response.status in (202, 400), await response.text()
+    if response.status == 202:
+        await wait_for_status(service, (await response.json())["job_id"], "delivered")
+    plain = await submit(service, "a job without a webhook")
+    await wait_until(lambda: job_status(service, plain["job_id"], "completed"), "a plain job to complete")
+    assert (await service.get("/healthz")).status == 200
+
+
+async def job_status(client: TestClient, job_id: str, status: str) -> bool:
+    return (await (await client.get(f"/jobs/{job_id}")).json())["status"] == status
+
+
+async def test_a_stored_delivery_with_a_bad_url_fails_alone_after_a_restart(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], config: Config
+) -> None:
+    receiver = await make_receiver(answer_status(500))
+    first = await make_service(retry=replace(FAST, backoff_base=0.5))
+    good = (await submit(first, webhook_url=receiver.url()))["job_id"]
+    await wait_until(lambda: first_attempt_made(first, good), "the first attempt")
+    bad = (await submit(first))["job_id"]
+    await wait_until(lambda: job_status(first, bad, "completed"), "the job to complete")
+    await first.close()
+    with sqlite3.connect(config.db) as db:  # as an older version stored it
+        db.execute("UPDATE jobs SET webhook_url = ? WHERE id = ?", ("http://xn--a.example/", bad))
+        db.execute("INSERT INTO deliveries (job_id, url, payload, status, next_attempt_at)"
+                   " VALUES (?, 'http://xn--a.example/', '{}', 'pending', 0)", (bad,))
+    second = await make_service()
+    failed = await wait_for_status(second, bad, "failed")
+    assert failed["attempts"][0]["error"].startswith("invalid webhook_url: host 'xn--a.example'")
+    await wait_for_status(second, good, "delivered")  # the retry still runs
+    assert (await second.post(f"/webhooks/{good}/redeliver")).status == 202
+    status = await wait_until(lambda: attempts_at_least(second, good, 3), "the redelivery")
+    assert status["attempts"][-1]["success"]
+    assert (await second.get("/healthz")).status == 200
+
+
+async def first_attempt_made(client: TestClient, job_id: str) -> bool:
+    return bool((await delivery_status(client, job_id))["attempts"])
+
+
+async def attempts_at_least(client: TestClient, job_id: str, count: int) -> dict[str, Any] | None:
+    status = await delivery_status(client, job_id)
+    return status if len(status["attempts"]) >= count and status["delivery_status"] == "delivered" else None
+
+
+async def test_a_fault_in_one_job_fails_that_job_only(
+    service: TestClient, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workers = service.app[webhookd.WORKERS]
+    predict = workers._predict
+
+    async def faulty_predict(texts: list[str]) -> list[Any]:
+        if "poison" in texts:
+            raise RuntimeError("a bug outside the model")
+        return await predict(texts)
+
+    monkeypatch.setattr(workers, "_predict", faulty_predict)
+    jobs = [(await submit(service, text, webhook_url=receiver.url()))["job_id"] for text in ("ok", "poison", "fine")]
+    for job_id in jobs:
+        await wait_for_status(service, job_id, "delivered")
+    results = [await (await service.get(f"/jobs/{job_id}")).json() for job_id in jobs]
+    assert [r["status"] for r in results] == ["completed", "failed", "completed"]
+    assert results[1]["error"] == "internal error: RuntimeError: a bug outside the model"
+    after = (await submit(service, "and the workers go on", webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(service, after, "delivered")
+
+
+async def test_a_fault_in_an_attempt_is_a_failed_attempt_and_retried(
+    service: TestClient, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = service.app[webhookd.ENGINE]
+    post = engine._post
+    faults = [RuntimeError("a bug in sending")]
+
+    async def faulty_post(*args: Any) -> webhookd.Outcome:
+        if faults:
+            raise faults.pop()
+        return await post(*args)
+
+    monkeypatch.setattr(engine, "_post", faulty_post)
+    job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    status = await wait_for_status(service, job_id, "delivered")
+    assert [a["error"] for a in status["attempts"]] == ["internal error: RuntimeError: a bug in sending", None]
+
+
+async def test_a_crashed_loop_restarts_and_healthz_names_it_while_down(service: TestClient) -> None:
+    runs: list[int] = []
+
+    async def crashing() -> None:
+        runs.append(1)
+        raise RuntimeError("a bug in a loop")
+
+    service.app[webhookd.LOOPS].start("test", crashing)
+    health = await wait_until(lambda: unhealthy(service), "/healthz to say 503")
+    assert health.headers["Retry-After"] and "the test loop is down" in (await health.json())["error"]
+    await wait_until(lambda: asyncio.sleep(0, len(runs) >= 3), "two restarts")
+    await service.app[webhookd.LOOPS].stop("test")
+    assert (await service.get("/healthz")).status == 200
+
+
+async def unhealthy(client: TestClient) -> Any:
+    response = await client.get("/healthz")
+    return response if response.status == 503 else None
 
 
 # ---------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 import socket
 import sqlite3
@@ -169,6 +170,63 @@ class Config:
 
 
 # ---------------------------------------------------------------------------
+# Background loops
+# ---------------------------------------------------------------------------
+
+
+class Loops:
+    """The service's long-running loops (committer, timer, workers, pruner), kept running.
+
+    A loop that raises is logged and started again after a pause that doubles up to a minute,
+    so no single job or delivery can stop the work of all the others; while it is down,
+    /healthz names it.
+    """
+
+    FIRST_PAUSE = 0.1
+    LONGEST_PAUSE = 60.0
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._down: set[str] = set()
+
+    def start(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """Run `run()` as the loop called name, restarting it whenever it raises."""
+        task = asyncio.create_task(self._keep_running(name, run), name=f"webhookd-{name}")
+        self._tasks[name] = task
+        return task
+
+    def down(self) -> list[str]:
+        """The loops that are not running now: crashed and waiting to restart, or ended."""
+        ended = [name for name, task in self._tasks.items() if task.done() and not task.cancelled()]
+        return sorted(self._down.union(ended))
+
+    async def stop(self, name: str) -> None:
+        """Cancel one loop and wait for it."""
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            await _cancel(task)
+
+    async def _keep_running(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        pause = self.FIRST_PAUSE
+        while True:
+            try:
+                return await run()
+            except Exception:
+                log.exception("the %s loop crashed; restarting it in %.1f s", name, pause)
+            self._down.add(name)
+            try:
+                await asyncio.sleep(pause)
+            finally:
+                self._down.discard(name)
+            pause = min(pause * 2, self.LONGEST_PAUSE)
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+# ---------------------------------------------------------------------------
 # Storage
 # ---------------------------------------------------------------------------
 
@@ -247,16 +305,16 @@ class Store:
 
     MAX_WRITES_PER_COMMIT = 1000
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, loops: Loops) -> None:
         self._writer = writer
         self._reader = reader
         self._pending: list[tuple[Sequence[Statement], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._closing = False
-        self._committer = asyncio.create_task(self._commit_forever(), name="webhookd-commit")
+        self._committer = loops.start("committer", self._commit_forever)
 
     @classmethod
-    async def open(cls, path: str) -> Store:
+    async def open(cls, path: str, loops: Loops) -> Store:
         """Open (or create) the database at path, in WAL mode."""
         # The sqlite3 module's own BEGIN before the first write saves a round trip per commit.
         writer = await aiosqlite.connect(path, isolation_level="DEFERRED")
@@ -272,7 +330,7 @@ class Store:
             await writer.close()
             raise
         await reader.execute("PRAGMA busy_timeout = 5000")
-        return cls(writer, reader)
+        return cls(writer, reader, loops)
 
     async def close(self) -> None:
         """Commit what is pending, then close both connections."""
@@ -507,9 +565,14 @@ def predict_all(model: Model, texts: list[str]) -> list[dict[str, Any] | Excepti
     return results
 
 
+class InternalError(Exception):
+    """A job that failed through a fault of webhookd's, not of the model."""
+
+
 def _error_text(error: Exception) -> str:
+    text = str(error) if isinstance(error, InternalError) else f"model error: {error}"
     # A model's message may hold anything, unpaired surrogates included; the db and JSON take UTF-8.
-    return f"model error: {error}".encode("utf-8", "backslashreplace").decode()
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 def _checked_prediction(prediction: Any) -> dict[str, Any]:
@@ -649,6 +712,53 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+class BadWebhookURL(ValueError):
+    """A URL that parses but that no webhook can be sent to."""
+
+
+class WebhookTarget(NamedTuple):
+    """Where a webhook URL sends to, as delivery uses it."""
+
+    url: URL
+    host: str  # as sent: IDNA-encoded, never decoded again
+    receiver: str  # scheme://host:port, the key of the per-receiver fair share
+
+
+@functools.lru_cache(maxsize=4096)
+def webhook_target(url: str) -> WebhookTarget:
+    """The target of a webhook URL; ValueError (BadWebhookURL) says why it cannot be sent to.
+
+    Submission calls this too, so a URL accepted with a 202 is one that delivery can parse,
+    key and send (a 400 otherwise).
+    """
+    parsed = URL(url)
+    host = parsed.raw_host
+    if parsed.scheme not in ("http", "https"):
+        raise BadWebhookURL("must be an absolute http:// or https:// URL")
+    if not host:
+        raise BadWebhookURL("has no host")
+    if parsed.user is not None or parsed.password is not None:
+        raise BadWebhookURL("must not contain user:password; receivers verify the signature instead")
+    if _literal_address(host) is None:
+        _check_host_name(host)
+    return WebhookTarget(parsed, host, f"{parsed.scheme}://{host}:{parsed.port}")
+
+
+def _check_host_name(host: str) -> None:
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(HOST_LABEL.fullmatch(label) for label in labels):
+        raise BadWebhookURL(f"host {host!r} is not a valid host name")
+    for label in labels:
+        if label.startswith("xn--"):
+            try:
+                label.encode("ascii").decode("idna")
+            except UnicodeError:
+                raise BadWebhookURL(f"host {host!r} is not a valid internationalised name ({label!r})") from None
+
+
+HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
 class BlockedAddress(OSError):
     """A webhook URL that leads to an address webhooks may not reach."""
 
@@ -758,9 +868,11 @@ class DeliveryEngine:
     REMEMBERED_SLOW_RECEIVERS = 10_000
 
     def __init__(
-        self, config: Config, store: Store, signer: Signer, session: aiohttp.ClientSession, metrics: Metrics
+        self, config: Config, store: Store, signer: Signer, session: aiohttp.ClientSession, metrics: Metrics,
+        loops: Loops,
     ) -> None:
         self._config = config
+        self._loops = loops
         self._store = store
         self._signer = signer
         self._session = session
@@ -778,7 +890,6 @@ class DeliveryEngine:
         self._waiting_for_slow_share: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._attempts: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._timer_task: asyncio.Task[None] | None = None
 
     @property
     def scheduled(self) -> int:
@@ -794,14 +905,12 @@ class DeliveryEngine:
         """Take over the schedule found in the db and start the timer."""
         for when, job_id in scheduled:
             self.schedule(job_id, when)
-        self._timer_task = asyncio.create_task(self._fire_timers(), name="webhookd-timers")
+        self._loops.start("timer", self._fire_timers)
 
     async def stop(self) -> None:
         """Start nothing new; give attempts in flight up to the timeout, then cancel them."""
         self._stopping = True
-        if self._timer_task:
-            self._timer_task.cancel()
-            await asyncio.gather(self._timer_task, return_exceptions=True)
+        await self._loops.stop("timer")
         if self._attempts:
             await asyncio.wait(self._attempts, timeout=self._config.timeout + 1)
         for task in self._attempts:
@@ -823,7 +932,10 @@ class DeliveryEngine:
     def send(self, delivery: Delivery) -> None:
         """Attempt a delivery as soon as a slot for its receiver is free."""
         self._active.add(delivery.job_id)
-        receiver = _receiver(delivery.url)
+        try:
+            receiver = webhook_target(delivery.url).receiver
+        except ValueError:  # stored by an older version; its attempt says why it fails
+            receiver = "invalid"
         self._queues.setdefault(receiver, deque()).append(delivery)
         self._mark_ready(receiver)
         self._start_attempts()
@@ -930,7 +1042,11 @@ class DeliveryEngine:
         number = delivery.attempts + 1
         started = time.time()
         clock = time.perf_counter()
-        outcome = await self._post(delivery, number, int(started))
+        try:
+            outcome = await self._post(delivery, number, int(started))
+        except Exception as exc:  # a fault of webhookd's: a failed attempt, retried as any other
+            log.exception("attempt %d of %s raised", number, delivery.job_id)
+            outcome = Outcome(None, f"internal error: {type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - clock
         self._note_speed(receiver, outcome, seconds)
         status, next_attempt_at = self._next_step(delivery, number, outcome, time.time())
@@ -987,15 +1103,19 @@ class DeliveryEngine:
                 pause = min(pause * 2, 30)
 
     async def _post(self, delivery: Delivery, number: int, timestamp: int) -> Outcome:
+        try:
+            target = webhook_target(delivery.url)
+        except ValueError as exc:
+            return Outcome(None, f"invalid webhook_url: {exc}", final=True)
         if not self._config.allow_private_urls:
             # aiohttp connects to IP literals without asking the resolver, so check them here.
-            reason = blocked_host(_parsed(delivery.url).host or "")
+            reason = blocked_host(target.host)
             if reason:
                 return Outcome(None, f"blocked: {reason}", final=True)
         headers = self._signer.headers(delivery.job_id, delivery.payload, number, timestamp)
         try:
             async with self._session.post(
-                _parsed(delivery.url), data=delivery.payload, headers=headers, allow_redirects=False
+                target.url, data=delivery.payload, headers=headers, allow_redirects=False
             ) as response:
                 await _drain(response)
                 return _outcome_of(response, timestamp)
@@ -1036,16 +1156,6 @@ def _outcome_of(response: aiohttp.ClientResponse, now: float) -> Outcome:
     return Outcome(code, f"HTTP {code}", retry_after)
 
 
-@functools.lru_cache(maxsize=4096)
-def _parsed(url: str) -> URL:
-    return URL(url)
-
-
-def _receiver(url: str) -> str:
-    parsed = _parsed(url)
-    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
-
-
 def _log_attempt(delivery: Delivery, number: int, outcome: Outcome, seconds: float, next_at: float | None) -> None:
     if outcome.success:
         log.info("attempt %s #%d %s -> %s in %.1f ms; delivered",
@@ -1071,32 +1181,30 @@ class InferenceWorkers:
     MAX_BATCH = 64
 
     def __init__(
-        self, config: Config, store: Store, engine: DeliveryEngine, model: Model, metrics: Metrics
+        self, config: Config, store: Store, engine: DeliveryEngine, model: Model, metrics: Metrics,
+        loops: Loops,
     ) -> None:
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self._config = config
+        self._loops = loops
         self._store = store
         self._engine = engine
         self._model = model
         self._metrics = metrics
         self._inline_chars = VADER_INLINE_CHARS if config.model == "vader" else 0
         self._threads = ThreadPoolExecutor(config.workers, thread_name_prefix="webhookd-model")
-        self._tasks: list[asyncio.Task[None]] = []
+        self._names = [f"worker-{n}" for n in range(config.workers)]
 
     def start(self, unfinished: Iterable[Job]) -> None:
         """Queue the jobs a previous run left unfinished, then start the workers."""
         for job in unfinished:
             self.queue.put_nowait(job)
-        self._tasks = [
-            asyncio.create_task(self._work(), name=f"webhookd-worker-{n}")
-            for n in range(self._config.workers)
-        ]
+        for name in self._names:
+            self._loops.start(name, self._work)
 
     async def stop(self) -> None:
         """Stop the workers; jobs not finished stay `processing` in the db and run next start."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*map(self._loops.stop, self._names))
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _work(self) -> None:
@@ -1104,17 +1212,34 @@ class InferenceWorkers:
             jobs = [await self.queue.get()]
             while len(jobs) < self.MAX_BATCH and not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
-            outcomes = await self._predict([job.text for job in jobs])
             try:
-                deliveries = await self._record_results(jobs, outcomes)
+                await self._finish(jobs, await self._predict([job.text for job in jobs]))
             except Exception:
-                log.exception("could not store %d results; running those jobs again in 1 s", len(jobs))
-                await asyncio.sleep(1)
+                # Not the model's error (predict_all keeps those) nor the db's (_finish retries):
+                # a fault of webhookd's own, which must cost no job but the one that causes it.
+                log.exception("a batch of %d jobs raised; running each alone", len(jobs))
                 for job in jobs:
-                    self.queue.put_nowait(job)
-                continue
-            for delivery in deliveries:
-                self._engine.send(delivery)
+                    await self._run_alone(job)
+
+    async def _run_alone(self, job: Job) -> None:
+        try:
+            await self._finish([job], await self._predict([job.text]))
+        except Exception as exc:
+            log.exception("job %s raised; it fails", job.id)
+            await self._finish([job], [InternalError(f"internal error: {type(exc).__name__}: {exc}")])
+
+    async def _finish(self, jobs: list[Job], outcomes: list[dict[str, Any] | Exception]) -> None:
+        """Record the outcomes and send the webhooks; if the db fails, run the jobs again later."""
+        try:
+            deliveries = await self._record_results(jobs, outcomes)
+        except Exception:
+            log.exception("could not store %d results; running those jobs again in 1 s", len(jobs))
+            await asyncio.sleep(1)
+            for job in jobs:
+                self.queue.put_nowait(job)
+            return
+        for delivery in deliveries:
+            self._engine.send(delivery)
 
     async def _predict(self, texts: list[str]) -> list[dict[str, Any] | Exception]:
         if sum(map(len, texts)) <= self._inline_chars:
@@ -1162,6 +1287,7 @@ STORE = web.AppKey("store", Store)
 ENGINE = web.AppKey("engine", DeliveryEngine)
 WORKERS = web.AppKey("workers", InferenceWorkers)
 METRICS = web.AppKey("metrics", Metrics)
+LOOPS = web.AppKey("loops", Loops)
 IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict[str, asyncio.Future[None]])
 
 
@@ -1276,7 +1402,13 @@ async def redeliver(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """GET /healthz: 200 while the service runs."""
+    """GET /healthz: 200 while the service runs; 503 naming a background loop that is down."""
+    down = request.app[LOOPS].down()
+    if down:
+        raise web.HTTPServiceUnavailable(
+            text=f"not processing: the {', '.join(down)} loop is down; the log says why",
+            headers={"Retry-After": "1"},
+        )
     return web.json_response({
         "status": "ok",
         "version": __version__,
@@ -1301,7 +1433,7 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {h: exc.headers[h] for h in ("Allow", "WWW-Authenticate") if h in exc.headers}
+        headers = {h: exc.headers[h] for h in ("Allow", "WWW-Authenticate", "Retry-After") if h in exc.headers}
         return web.json_response({"error": _error_message(request, exc)}, status=exc.status, headers=headers)
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
@@ -1389,18 +1521,11 @@ def _webhook_url(value: Any, allow_private_urls: bool) -> str | None:
     if not value.isprintable() or any(c.isspace() for c in value):
         raise web.HTTPBadRequest(text="field 'webhook_url' must not contain spaces or control characters")
     try:
-        url = URL(value)
-        host = url.raw_host
-    except (ValueError, UnicodeError) as exc:
+        host = webhook_target(value).host
+    except BadWebhookURL as exc:
+        raise web.HTTPBadRequest(text=f"field 'webhook_url' {exc}") from None
+    except ValueError as exc:  # yarl's, UnicodeError included
         raise web.HTTPBadRequest(text=f"field 'webhook_url' is not a valid URL: {exc}") from None
-    if url.scheme not in ("http", "https"):
-        raise web.HTTPBadRequest(text="field 'webhook_url' must be an absolute http:// or https:// URL")
-    if not host:
-        raise web.HTTPBadRequest(text="field 'webhook_url' has no host")
-    if url.user is not None or url.password is not None:
-        raise web.HTTPBadRequest(
-            text="field 'webhook_url' must not contain user:password; receivers verify the signature instead"
-        )
     reason = None if allow_private_urls else blocked_host(host)
     if reason:
         raise web.HTTPBadRequest(
@@ -1551,6 +1676,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[CONFIG] = config
     app[IDEMPOTENCY_IN_PROGRESS] = {}
+    app[LOOPS] = Loops()
     app.cleanup_ctx.append(_running)
     app.router.add_post("/predict", predict)
     app.router.add_get("/jobs/{job_id}", get_job)
@@ -1566,8 +1692,9 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
     """Open the db, start delivery and the workers; on the way out, stop them in reverse."""
     config = app[CONFIG]
     model = load_model(config.model)
+    loops = app[LOOPS]
     async with contextlib.AsyncExitStack() as stack:
-        store = await Store.open(config.db)
+        store = await Store.open(config.db, loops)
         stack.push_async_callback(store.close)
         signer = Signer(config.secrets or [await _stored_secret(store, config.db)])
         metrics = Metrics(*await _counts(store))
@@ -1576,14 +1703,15 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
             stack.push_async_callback(resolver.close)  # a connector closes only a resolver it made
         session = _client_session(config, resolver)
         stack.push_async_callback(session.close)
-        engine = DeliveryEngine(config, store, signer, session, metrics)
+        engine = DeliveryEngine(config, store, signer, session, metrics, loops)
         engine.start(await _scheduled_deliveries(store))
         stack.push_async_callback(engine.stop)
-        workers = InferenceWorkers(config, store, engine, model, metrics)
+        workers = InferenceWorkers(config, store, engine, model, metrics, loops)
         workers.start(await _unfinished_jobs(store))
         stack.push_async_callback(workers.stop)
         app[STORE], app[ENGINE], app[WORKERS], app[METRICS] = store, engine, workers, metrics
-        stack.push_async_callback(_cancel, asyncio.create_task(_prune_idempotency_keys(store)))
+        loops.start("pruner", functools.partial(_prune_idempotency_keys, store))
+        stack.push_async_callback(loops.stop, "pruner")
         waits = ", ".join(f"{wait:g}" for wait in retry_schedule(config.retry)[:5]) or "no"
         if config.retry.max_retries > 5:
             waits += ", ..."
@@ -1602,11 +1730,6 @@ def _client_session(config: Config, resolver: AbstractResolver | None) -> aiohtt
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
     )
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _stored_secret(store: Store, db: str) -> str:
