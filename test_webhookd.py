@@ -8,23 +8,29 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import glob
 import hashlib
 import hmac
 import json
 import logging
 import os
 import random
+import secrets
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -89,10 +95,120 @@ class Receiver:
         return matching()
 
 
+# ---------------------------------------------------------------------------
+# PostgreSQL: a real server, started by the tests themselves
+# ---------------------------------------------------------------------------
+
+POSTGRES_MISSING = (
+    "the PostgreSQL tests need PostgreSQL's initdb and pg_ctl: apt-get install postgresql"
+    " (or pip install pgserver, which brings them)"
+)
+
+
+def _postgres_bin() -> Path | None:
+    # Debian puts wrappers on the PATH; the real tools sit beside the real pg_ctl.
+    candidates = [shutil.which("pg_ctl"), *sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)]
+    found = next((Path(c).resolve().parent for c in candidates if c and Path(c).exists()), None)
+    if found is None:
+        with contextlib.suppress(ImportError):
+            import pgserver
+
+            found = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    return found
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on a free loopback port; as the postgres user when run as root."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+        self.home = Path(tempfile.mkdtemp(prefix="webhookd-pg-"))
+        self.port = _free_port()
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.home, "postgres")
+        self._run("initdb", "-D", str(self.home / "data"), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+        self.start()
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.home} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300"
+        self._run("pg_ctl", "-D", str(self.home / "data"), "-l", str(self.home / "log"), "-w", "-o", options, "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.home / "data"), "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def new_database(self) -> str:
+        name = f"test_{secrets.token_hex(6)}"
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        return self.url(name)
+
+    def url(self, database: str = "postgres", password: str = "") -> str:
+        user = f"postgres:{password}" if password else "postgres"
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, tool: str, *args: str) -> None:
+        command = [str(self.bin_dir / tool), *args]
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()}")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def new_postgres_cluster() -> PostgresCluster:
+    """A cluster of its own, or a skip (a failure in CI) saying how to get PostgreSQL."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail(POSTGRES_MISSING)
+        pytest.skip(POSTGRES_MISSING)
+    return PostgresCluster(bin_dir)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Any:
+    cluster = new_postgres_cluster()
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture(params=["sqlite"])
+def store(request: pytest.FixtureRequest) -> str:
+    """Which store the service runs on; tests marked both_stores run on each."""
+    return request.param
+
+
+both_stores = pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return Config(db=str(tmp_path / "webhookd.db"), port=0, secrets=(SECRET,),
-                  allow_private_urls=True, retry=FAST, timeout=2.0)
+def config(tmp_path: Path, store: str, request: pytest.FixtureRequest) -> Config:
+    db = str(tmp_path / "webhookd.db") if store == "sqlite" else request.getfixturevalue("postgres").new_database()
+    return Config(db=db, port=0, secrets=(SECRET,), allow_private_urls=True, retry=FAST, timeout=2.0,
+                  failover_after=2.0)
+
+
+async def query(db: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Rows of a query straight from either store's database, as committed."""
+    if not db.startswith("postgresql://"):
+        with contextlib.closing(sqlite3.connect(db)) as connection:
+            return connection.execute(sql, params).fetchall()
+    connection = await asyncpg.connect(db)
+    try:
+        return [tuple(row) for row in await connection.fetch(webhookd._numbered(sql), *params)]
+    finally:
+        await connection.close()
 
 
 @pytest.fixture
@@ -171,6 +287,7 @@ def answer_status(*codes: int, headers: dict[str, str] | None = None) -> Callabl
 # ---------------------------------------------------------------------------
 
 
+@both_stores
 async def test_job_with_webhook_url_is_accepted_and_registered(service: TestClient, receiver: Receiver) -> None:
     accepted = await submit(service, webhook_url=receiver.url())
     assert accepted["status"] == "processing"
@@ -186,6 +303,7 @@ def test_job_ids_are_unique_and_in_time_order() -> None:
     assert abs(milliseconds[0] / 1000 - time.time()) < 60
 
 
+@both_stores
 async def test_job_without_webhook_url_completes_without_webhook(service: TestClient) -> None:
     accepted = await submit(service, "This is terrible and I hate it.")
     assert accepted["webhook_registered"] is False
@@ -201,11 +319,11 @@ async def test_job_without_webhook_url_completes_without_webhook(service: TestCl
     assert (await service.get(f"/webhooks/{accepted['job_id']}/status")).status == 404
 
 
+@both_stores
 async def test_job_is_committed_before_the_202(service: TestClient, config: Config) -> None:
     accepted = await submit(service)
-    with sqlite3.connect(config.db) as db:
-        row = db.execute("SELECT text FROM jobs WHERE id = ?", (accepted["job_id"],)).fetchone()
-    assert row == ("I love this product!",)
+    assert await query(config.db, "SELECT text FROM jobs WHERE id = ?", accepted["job_id"]) == [
+        ("I love this product!",)]
 
 
 # ---------------------------------------------------------------------------
@@ -213,6 +331,7 @@ async def test_job_is_committed_before_the_202(service: TestClient, config: Conf
 # ---------------------------------------------------------------------------
 
 
+@both_stores
 async def test_webhook_is_sent_when_the_job_completes(service: TestClient, receiver: Receiver) -> None:
     accepted = await submit(service, webhook_url=receiver.url("/callback"))
     [arrival] = await receiver.wait_for(1)
@@ -242,6 +361,7 @@ async def test_sentiment_labels_follow_vader(service: TestClient, receiver: Rece
 # ---------------------------------------------------------------------------
 
 
+@both_stores
 async def test_payload_has_every_field_and_the_headers(service: TestClient, receiver: Receiver) -> None:
     accepted = await submit(service, webhook_url=receiver.url())
     [arrival] = await receiver.wait_for(1)
@@ -395,6 +515,7 @@ def test_retry_after_parses_seconds_and_http_dates() -> None:
     assert webhookd.parse_retry_after(None, now) is None
 
 
+@both_stores
 async def test_retry_after_500s_then_delivered(service: TestClient, make_receiver: Callable[..., Any]) -> None:
     receiver = await make_receiver(answer_status(500, 500))
     accepted = await submit(service, webhook_url=receiver.url())
@@ -406,6 +527,7 @@ async def test_retry_after_500s_then_delivered(service: TestClient, make_receive
     assert [a["status_code"] for a in status["attempts"]] == [500, 500, 200]
 
 
+@both_stores
 async def test_retries_exhausted_is_failed_and_in_the_dead_letter(
     service: TestClient, make_receiver: Callable[..., Any]
 ) -> None:
@@ -508,6 +630,7 @@ def _parse_iso(text: str) -> float:
 # ---------------------------------------------------------------------------
 
 
+@both_stores
 async def test_every_attempt_is_stored_and_logged_as_one_line(
     service: TestClient, make_receiver: Callable[..., Any], config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -516,9 +639,8 @@ async def test_every_attempt_is_stored_and_logged_as_one_line(
     accepted = await submit(service, webhook_url=receiver.url())
     job_id = accepted["job_id"]
     await wait_for_status(service, job_id, "delivered")
-    with sqlite3.connect(config.db) as db:
-        rows = db.execute("SELECT attempt, status_code, error FROM attempts WHERE job_id = ? ORDER BY attempt",
-                          (job_id,)).fetchall()
+    rows = await query(config.db, "SELECT attempt, status_code, error FROM attempts WHERE job_id = ? ORDER BY attempt",
+                       job_id)
     assert rows == [(1, 500, "HTTP 500"), (2, 200, None)]
     lines = [r.getMessage() for r in caplog.records if job_id in r.getMessage()]
     assert len(lines) == 2
@@ -545,6 +667,7 @@ async def test_the_secret_never_appears_in_logs_or_responses(
 # ---------------------------------------------------------------------------
 
 
+@both_stores
 async def test_status_shows_pending_retrying_and_the_whole_history(
     service: TestClient, make_receiver: Callable[..., Any]
 ) -> None:
@@ -603,6 +726,7 @@ async def test_status_of_unknown_job_is_404_json(service: TestClient) -> None:
 # ---------------------------------------------------------------------------
 
 
+@both_stores
 async def test_redeliver_starts_a_new_round_with_the_same_body_and_id(
     make_service: Callable[..., Any], make_receiver: Callable[..., Any]
 ) -> None:
@@ -626,6 +750,7 @@ async def test_redeliver_starts_a_new_round_with_the_same_body_and_id(
     await receiver.wait_for(4)
 
 
+@both_stores
 async def test_redelivery_gets_a_fresh_round_of_retries_and_leaves_the_dead_letter(
     make_service: Callable[..., Any], make_receiver: Callable[..., Any]
 ) -> None:
@@ -642,6 +767,7 @@ async def test_redelivery_gets_a_fresh_round_of_retries_and_leaves_the_dead_lett
     assert "webhookd_dead_letter_deliveries 0" in await (await service.get("/metrics")).text()
 
 
+@both_stores
 async def test_redeliver_is_409_while_the_job_runs_and_404_without_a_webhook(
     make_service: Callable[..., Any], receiver: Receiver
 ) -> None:
@@ -654,6 +780,7 @@ async def test_redeliver_is_409_while_the_job_runs_and_404_without_a_webhook(
     assert response.status == 404 and "no webhook_url" in (await response.json())["error"]
 
 
+@both_stores
 async def test_redeliver_is_409_while_a_round_runs_and_404_when_unknown(
     make_service: Callable[..., Any], make_receiver: Callable[..., Any]
 ) -> None:
@@ -663,19 +790,30 @@ async def test_redeliver_is_409_while_a_round_runs_and_404_when_unknown(
     assert (await service.post("/webhooks/job-unknown/redeliver")).status == 404
 
 
+@both_stores
 async def test_two_redeliveries_at_once_start_one_round(
     make_service: Callable[..., Any], make_receiver: Callable[..., Any]
 ) -> None:
     service = await make_service(retry=replace(FAST, max_retries=0))
-    receiver = await make_receiver(answer_status(500))
+    release = asyncio.Event()
+
+    async def answers(arrival: Arrival, n: int) -> web.Response:
+        if n == 1:
+            return web.Response(status=500)
+        await release.wait()  # the redelivered round stays under way until the requests are answered
+        return web.json_response({})
+
+    receiver = await make_receiver(answers)
     accepted = await submit(service, webhook_url=receiver.url())
     await wait_for_status(service, accepted["job_id"], "failed")
     answers = await asyncio.gather(*(service.post(f"/webhooks/{accepted['job_id']}/redeliver") for _ in range(5)))
     assert sorted(r.status for r in answers) == [202, 409, 409, 409, 409]
+    release.set()
     await wait_for_status(service, accepted["job_id"], "delivered")
     assert len(receiver.arrivals) == 2
 
 
+@both_stores
 async def test_dead_letter_is_newest_first_and_limited(service: TestClient) -> None:
     url = f"http://127.0.0.1:{_closed_port()}/hook"
     ids = []
@@ -765,11 +903,15 @@ async def test_slow_receivers_take_turns_in_their_share(config: Config, tmp_path
         return webhookd.Outcome(None, "timeout: no complete answer")
 
     class NoStore:
-        async def write(self, *statements: Any) -> None:
+        instance = "instance-test"
+
+        async def record_attempt(self, *details: Any) -> None:
             pass
 
+    fence = webhookd.Fence()
+    fence.open_until(float("inf"))
     engine = webhookd.DeliveryEngine(replace(config, max_in_flight=4), NoStore(), None, None,
-                                     webhookd.Metrics({}, 0), webhookd.Loops())
+                                     webhookd.Metrics({}, 0), webhookd.Loops(), fence)
     engine._post = no_answer.__get__(engine)
     urls = [f"http://127.0.0.1:{port}/hook" for port in (1001, 1002, 1003)]
     for url in urls:  # all three known to be slow: together they get 2 of the 4 slots
@@ -807,8 +949,7 @@ async def test_pending_retries_wait_in_the_schedule_not_in_coroutines(
 
 
 async def _stored_attempts(db: str, job_id: str) -> int:
-    with sqlite3.connect(db) as connection:
-        return connection.execute("SELECT count(*) FROM attempts WHERE job_id = ?", (job_id,)).fetchone()[0]
+    return (await query(db, "SELECT count(*) FROM attempts WHERE job_id = ?", job_id))[0][0]
 
 
 class ServiceProcess:
@@ -817,7 +958,7 @@ class ServiceProcess:
     def __init__(self, db: str, *args: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "webhookd.py"), "serve", "--port", "0", "--db", db,
-             "--secret", SECRET, "--allow-private-urls", "--log-level", "warning", *args],
+             "--secret", SECRET, "--allow-private-urls", "--log-level", "warning", "--failover-after", "2", *args],
             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")},
         )
@@ -837,6 +978,7 @@ class ServiceProcess:
                 return await response.json()
 
 
+@both_stores
 async def test_kill_9_mid_round_then_restart_finishes_the_round(
     make_service: Callable[..., Any], make_receiver: Callable[..., Any], config: Config
 ) -> None:
@@ -864,6 +1006,7 @@ async def test_kill_9_mid_round_then_restart_finishes_the_round(
     assert last.body == before[0].body and last.headers["webhook-id"] == before[0].headers["webhook-id"]
 
 
+@both_stores
 async def test_kill_9_before_inference_then_restart_runs_the_job(
     make_service: Callable[..., Any], receiver: Receiver, config: Config
 ) -> None:
@@ -880,6 +1023,7 @@ async def test_kill_9_before_inference_then_restart_runs_the_job(
         await wait_for_status(service, job_id, "delivered")
 
 
+@both_stores
 async def test_sigterm_stops_gracefully_and_keeps_the_schedule(
     make_receiver: Callable[..., Any], config: Config
 ) -> None:
@@ -889,18 +1033,15 @@ async def test_sigterm_stops_gracefully_and_keeps_the_schedule(
     await receiver.wait_for(1)
 
     async def retry_stored() -> bool:
-        with sqlite3.connect(config.db) as db:
-            row = db.execute("SELECT status FROM deliveries WHERE job_id = ?", (job_id,)).fetchone()
-        return row == ("retrying",)
+        return await query(config.db, "SELECT status FROM deliveries WHERE job_id = ?", job_id) == [("retrying",)]
 
     await wait_until(retry_stored, "the failed attempt to be stored")
     child.process.send_signal(signal.SIGTERM)
     _, stderr = child.process.communicate(timeout=DEADLINE)
     assert child.process.returncode == 0, stderr
     assert "Task was destroyed" not in stderr and "Traceback" not in stderr
-    with sqlite3.connect(config.db) as db:
-        status, next_at = db.execute("SELECT status, next_attempt_at FROM deliveries WHERE job_id = ?",
-                                     (job_id,)).fetchone()
+    [(status, next_at)] = await query(config.db, "SELECT status, next_attempt_at FROM deliveries WHERE job_id = ?",
+                                      job_id)
     assert status == "retrying" and next_at > time.time() + 500
 
 
@@ -920,6 +1061,7 @@ def test_a_taken_port_is_a_one_line_error_before_anything_runs(tmp_path: Path) -
     assert not db.exists()  # no job was run, no webhook sent
 
 
+@both_stores
 async def test_sigterm_lets_an_attempt_in_flight_finish_and_stores_it(
     make_receiver: Callable[..., Any], config: Config
 ) -> None:
@@ -934,16 +1076,16 @@ async def test_sigterm_lets_an_attempt_in_flight_finish_and_stores_it(
     child.process.send_signal(signal.SIGTERM)
     _, stderr = await asyncio.to_thread(child.process.communicate, timeout=DEADLINE)
     assert child.process.returncode == 0, stderr
-    with sqlite3.connect(config.db) as db:
-        assert db.execute("SELECT status FROM deliveries WHERE job_id = ?", (job_id,)).fetchone() == ("delivered",)
-        assert db.execute("SELECT status_code FROM attempts WHERE job_id = ?", (job_id,)).fetchall() == [(200,)]
+    assert await query(config.db, "SELECT status FROM deliveries WHERE job_id = ?", job_id) == [("delivered",)]
+    assert await query(config.db, "SELECT status_code FROM attempts WHERE job_id = ?", job_id) == [(200,)]
 
 
+@both_stores
 async def test_a_failed_db_write_is_tried_again_not_lost(
     service: TestClient, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = service.app[webhookd.STORE]
-    write = store.write
+    write = store._write
     failures = {"UPDATE jobs SET status": 1, "INSERT INTO attempts": 1}
 
     async def flaky_write(*statements: webhookd.Statement) -> None:
@@ -953,7 +1095,7 @@ async def test_a_failed_db_write_is_tried_again_not_lost(
                 raise sqlite3.OperationalError("database is locked")
         await write(*statements)
 
-    monkeypatch.setattr(store, "write", flaky_write)
+    monkeypatch.setattr(store, "_write", flaky_write)
     job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
     status = await wait_for_status(service, job_id, "delivered")
     assert failures == {"UPDATE jobs SET status": 0, "INSERT INTO attempts": 0}
@@ -1022,6 +1164,7 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize("body, status, message", BAD_BODIES, ids=[repr(b[:40]) for b, _, _ in BAD_BODIES])
+@both_stores
 async def test_bad_bodies_get_a_clear_error_and_make_no_job(
     service: TestClient, config: Config, body: bytes, status: int, message: str
 ) -> None:
@@ -1029,8 +1172,7 @@ async def test_bad_bodies_get_a_clear_error_and_make_no_job(
     assert response.status == status
     assert response.content_type == "application/json"
     assert message in (await response.json())["error"]
-    with sqlite3.connect(config.db) as db:
-        assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+    assert await query(config.db, "SELECT count(*) FROM jobs") == [(0,)]
 
 
 async def test_other_bad_requests_get_json_errors(service: TestClient) -> None:
@@ -1353,6 +1495,7 @@ async def test_api_key_guards_every_endpoint_but_healthz(make_service: Callable[
 # ---------------------------------------------------------------------------
 
 
+@both_stores
 async def test_idempotency_key_replays_the_first_answer(service: TestClient, receiver: Receiver) -> None:
     body = {"text": "lovely", "webhook_url": receiver.url()}
     first = await service.post("/predict", json=body, headers={"Idempotency-Key": "order-1"})
@@ -1369,6 +1512,7 @@ async def test_idempotency_key_replays_the_first_answer(service: TestClient, rec
     assert len(receiver.arrivals) == 1
 
 
+@both_stores
 async def test_concurrent_requests_with_one_new_key_make_one_job(service: TestClient, config: Config) -> None:
     responses = await asyncio.gather(*(
         service.post("/predict", json={"text": "same"}, headers={"Idempotency-Key": "race"}) for _ in range(10)
@@ -1377,23 +1521,24 @@ async def test_concurrent_requests_with_one_new_key_make_one_job(service: TestCl
     assert all(r.status == 202 for r in responses)
     assert len({b["job_id"] for b in bodies}) == 1
     assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 9
-    with sqlite3.connect(config.db) as db:
-        assert db.execute("SELECT count(*) FROM jobs").fetchone() == (1,)
+    assert await query(config.db, "SELECT count(*) FROM jobs") == [(1,)]
 
 
+@both_stores
 async def test_idempotency_keys_are_forgotten_after_24_hours(service: TestClient, config: Config) -> None:
     first = await (await service.post("/predict", json={"text": "a"}, headers={"Idempotency-Key": "old"})).json()
-    await webhookd._forget_old_idempotency_keys(service.app[webhookd.STORE])
+    store = service.app[webhookd.STORE]
+    assert webhookd.IDEMPOTENCY_KEY_LIFETIME >= 24 * 3600
+    await store.forget_idempotency_keys(time.time() - webhookd.IDEMPOTENCY_KEY_LIFETIME)
     kept = await service.post("/predict", json={"text": "a"}, headers={"Idempotency-Key": "old"})
     assert kept.headers.get("Idempotent-Replayed") == "true"  # younger than 24 hours: kept
-    with sqlite3.connect(config.db) as db:
-        db.execute("UPDATE jobs SET created_at = created_at - 86401 WHERE id = ?", (first["job_id"],))
-    await webhookd._forget_old_idempotency_keys(service.app[webhookd.STORE])
+    await store.forget_idempotency_keys(time.time() + 1)  # as if a day had passed
     again = await service.post("/predict", json={"text": "a"}, headers={"Idempotency-Key": "old"})
     assert "Idempotent-Replayed" not in again.headers
     assert (await again.json())["job_id"] != first["job_id"]
 
 
+@both_stores
 async def test_idempotency_survives_a_restart(make_service: Callable[..., Any]) -> None:
     first = await make_service()
     answer = await (await first.post("/predict", json={"text": "a"}, headers={"Idempotency-Key": "k1"})).json()
@@ -1409,6 +1554,7 @@ async def test_idempotency_survives_a_restart(make_service: Callable[..., Any]) 
 # ---------------------------------------------------------------------------
 
 
+@both_stores
 async def test_healthz_and_metrics(service: TestClient, make_receiver: Callable[..., Any]) -> None:
     health = await service.get("/healthz")
     assert health.status == 200 and (await health.json())["status"] == "ok"
@@ -1456,6 +1602,7 @@ def test_bad_configuration_says_what_to_fix(args: list[str], message: str) -> No
         webhookd.config_from_args(webhookd.parse_args(args))
 
 
+@both_stores
 async def test_first_start_generates_a_secret_and_reuses_it(
     make_service: Callable[..., Any], receiver: Receiver, config: Config, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1463,8 +1610,7 @@ async def test_first_start_generates_a_secret_and_reuses_it(
     await submit(first, webhook_url=receiver.url())
     await receiver.wait_for(1)
     printed = capsys.readouterr().out
-    with sqlite3.connect(config.db) as db:
-        [(secret,)] = db.execute("SELECT value FROM settings WHERE name = 'secret'").fetchall()
+    [(secret,)] = await query(config.db, "SELECT value FROM settings WHERE name = 'secret'")
     assert secret.startswith("whsec_") and secret in printed
     Webhook(secret).verify(receiver.arrivals[0].body, receiver.arrivals[0].headers)
     await first.close()

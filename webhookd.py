@@ -37,6 +37,7 @@ import hashlib
 import heapq
 import hmac
 import importlib
+import itertools
 import ipaddress
 import json
 import logging
@@ -57,6 +58,7 @@ from typing import Any, NamedTuple
 
 import aiohttp
 import aiosqlite
+import asyncpg
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
@@ -140,6 +142,7 @@ class Config:
     api_key: str | None = field(default=None, repr=False)
     model: str = "vader"
     log_level: str = "info"
+    failover_after: float = 10.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -157,6 +160,7 @@ class Config:
                 (not 0 <= self.retry.backoff_jitter <= 1, "--backoff-jitter must be in [0, 1]"),
                 (self.log_level not in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}"),
                 (not 0 <= self.port <= 65535, "--port must be 0 to 65535"),
+                (not 1 <= self.failover_after <= 3600, "--failover-after must be 1 to 3600 seconds"),
             )
             if failed
         ]
@@ -230,52 +234,71 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 # Storage
 # ---------------------------------------------------------------------------
 
+SCHEMA_VERSION = 2  # 1 was webhookd 1.0's SQLite schema: no owners, no instances
+
+# One schema for both stores; {real}, {bytes} and {owner_indexes} are where their dialects differ.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS instances (
+    id           TEXT PRIMARY KEY,
+    heartbeat_at {real} NOT NULL           -- the database's clock, so instances' clocks may differ
+);
 CREATE TABLE IF NOT EXISTS jobs (
     id              TEXT PRIMARY KEY,
     text            TEXT NOT NULL,
     webhook_url     TEXT,
-    retry_policy    TEXT,              -- the job's own overrides, JSON
-    status          TEXT NOT NULL,     -- processing | completed | failed
-    result          TEXT,              -- JSON
+    retry_policy    TEXT,                  -- the job's own overrides, JSON
+    status          TEXT NOT NULL,         -- processing | completed | failed
+    result          TEXT,                  -- JSON
     error           TEXT,
-    created_at      REAL NOT NULL,
-    completed_at    REAL,
-    idempotency_key TEXT,              -- kept for IDEMPOTENCY_KEY_LIFETIME, then cleared
-    request_hash    TEXT
+    created_at      {real} NOT NULL,
+    completed_at    {real},
+    idempotency_key TEXT,                  -- kept for IDEMPOTENCY_KEY_LIFETIME, then cleared
+    request_hash    TEXT,
+    owner           TEXT                   -- the instance that runs it
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_idempotency_key
     ON jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS deliveries (
     job_id          TEXT PRIMARY KEY,
     url             TEXT NOT NULL,
-    payload         BLOB NOT NULL,     -- the exact bytes every attempt sends
-    status          TEXT NOT NULL,     -- pending | retrying | delivered | failed; stored, not
-                                       -- derived, so the dead-letter index can use it
+    payload         {bytes} NOT NULL,      -- the exact bytes every attempt sends
+    status          TEXT NOT NULL,         -- pending | retrying | delivered | failed; stored, not
+                                           -- derived, so the dead-letter index can use it
     attempts        INTEGER NOT NULL DEFAULT 0,
     round_start     INTEGER NOT NULL DEFAULT 0,  -- attempts made before this round
-    next_attempt_at REAL,              -- the durable schedule: set while pending or retrying
+    next_attempt_at {real},                -- the durable schedule: set while pending or retrying
     last_error      TEXT,
-    failed_at       REAL
+    failed_at       {real},
+    owner           TEXT                   -- the instance that sends it
 );
 CREATE INDEX IF NOT EXISTS dead_letter
     ON deliveries (failed_at) WHERE status = 'failed';
 CREATE TABLE IF NOT EXISTS attempts (
     job_id      TEXT NOT NULL,
     attempt     INTEGER NOT NULL,
-    at          REAL NOT NULL,
+    at          {real} NOT NULL,
     status_code INTEGER,
     error       TEXT,
-    duration_ms REAL NOT NULL,
+    duration_ms {real} NOT NULL,
     PRIMARY KEY (job_id, attempt)
-) WITHOUT ROWID;
+){without_rowid};
+{owner_indexes}
 """
 
 Statement = tuple[str, Sequence[Any]]
+Row = Sequence[Any]
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached now: answer 503 with Retry-After, and try again later."""
+
+
+class StoreRefused(Exception):
+    """This instance must not use the database at all (its file is in use, its schema is newer)."""
 
 
 @dataclass(slots=True)
@@ -300,60 +323,223 @@ class Delivery:
     policy: RetryPolicy
 
 
+class Takeover(NamedTuple):
+    """Work this instance has just become the owner of."""
+
+    jobs: list[Job]  # unfinished, oldest first
+    deliveries: list[tuple[float, str]]  # (next attempt time, job id) of pending and retrying ones
+
+
+async def open_store(db: str, loops: Loops, timeout: float) -> Store:
+    """The store --db names: a postgresql:// or postgres:// URL, else an SQLite file."""
+    if db.startswith(("postgresql://", "postgres://")):
+        return await PostgresStore.open(db, loops, timeout)
+    return await SQLiteStore.open(db, loops)
+
+
+def redacted(db: str) -> str:
+    """--db as it may be shown: a PostgreSQL URL without its password."""
+    url = URL(db) if "://" in db else None
+    return str(url.with_password("***")) if url is not None and url.password else db
+
+
 class Store:
-    """The SQLite database: one connection writes, in group commits; another reads."""
+    """Jobs, deliveries and attempts in a database, and which instance owns each.
+
+    Writes from all requests, workers and attempts share one transaction (group commit).
+    Every write to a job or delivery under way names its owner, so an instance whose work was
+    taken over while it was cut off writes nothing more to it. SQLiteStore and PostgresStore
+    answer these methods in their own dialect; nothing else in webhookd asks which one it has.
+    """
 
     MAX_WRITES_PER_COMMIT = 1000
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, loops: Loops) -> None:
-        self._writer = writer
-        self._reader = reader
+    def __init__(self, loops: Loops) -> None:
+        self.instance = _new_instance_id()
         self._pending: list[tuple[Sequence[Statement], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._committer = loops.start("committer", self._commit_forever)
 
-    @classmethod
-    async def open(cls, path: str, loops: Loops) -> Store:
-        """Open (or create) the database at path, in WAL mode."""
-        # The sqlite3 module's own BEGIN before the first write saves a round trip per commit.
-        writer = await aiosqlite.connect(path, isolation_level="DEFERRED")
-        try:
-            await writer.execute("PRAGMA journal_mode = WAL")
-            # FULL makes "committed before the 202" true across a power cut, not only a crash;
-            # group commit pays its fsync once per batch.
-            await writer.execute("PRAGMA synchronous = FULL")
-            await writer.execute("PRAGMA busy_timeout = 5000")
-            await writer.executescript(SCHEMA)
-            reader = await aiosqlite.connect(path, isolation_level=None)
-        except BaseException:
-            await writer.close()
-            raise
-        await reader.execute("PRAGMA busy_timeout = 5000")
-        return cls(writer, reader, loops)
-
     async def close(self) -> None:
-        """Commit what is pending, then close both connections."""
+        """Commit what is pending, then let the database go."""
         self._closing = True
         self._wake.set()
         await asyncio.gather(self._committer, return_exceptions=True)
-        await self._reader.close()
-        await self._writer.close()
 
-    async def write(self, *statements: Statement) -> None:
+    # Jobs
+
+    async def add_job(self, job: Job, key: str | None = None, request_hash: str | None = None) -> None:
+        """Commit a new job, owned by this instance; with a key already taken, nothing."""
+        await self._write((
+            "INSERT INTO jobs (id, text, webhook_url, retry_policy, status, created_at, idempotency_key,"
+            " request_hash, owner) VALUES (?, ?, ?, ?, 'processing', ?, ?, ?, ?)"
+            " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+            (job.id, job.text, job.webhook_url, job.retry_policy and json.dumps(job.retry_policy),
+             time.time(), key, request_hash, self.instance),
+        ))
+
+    async def job_with_key(self, key: str) -> Row | None:
+        """(job id, has a webhook, request hash) of the job an Idempotency-Key stands for."""
+        return await self._fetch_one(
+            "SELECT id, webhook_url IS NOT NULL, request_hash FROM jobs WHERE idempotency_key = ?", (key,)
+        )
+
+    async def job(self, job_id: str) -> Row | None:
+        """(status, result, error, created_at, completed_at, webhook_url) of a job."""
+        return await self._fetch_one(
+            "SELECT status, result, error, created_at, completed_at, webhook_url FROM jobs WHERE id = ?",
+            (job_id,),
+        )
+
+    async def record_results(self, finished: Sequence[tuple[Job, str | None, str | None, bytes | None]],
+                             completed_at: float) -> None:
+        """Store each (job, result JSON, error, webhook body) and its delivery, due now."""
+        statements: list[Statement] = []
+        for job, result, error, payload in finished:
+            statements.append((
+                "UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ? WHERE id = ? AND owner = ?",
+                ("completed" if error is None else "failed", result, error, completed_at, job.id, self.instance),
+            ))
+            if payload is not None:
+                statements.append((
+                    "INSERT INTO deliveries (job_id, url, payload, status, next_attempt_at, owner)"
+                    " SELECT ?, ?, ?, 'pending', ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ? AND owner = ?)",
+                    (job.id, job.webhook_url, payload, completed_at, self.instance, job.id, self.instance),
+                ))
+        await self._write(*statements)
+
+    async def forget_idempotency_keys(self, before: float) -> None:
+        """Clear the keys of jobs created before `before`."""
+        await self._write((
+            "UPDATE jobs SET idempotency_key = NULL, request_hash = NULL"
+            " WHERE idempotency_key IS NOT NULL AND created_at < ?",
+            (before,),
+        ))
+
+    # Deliveries and attempts
+
+    async def webhook(self, job_id: str) -> Row | None:
+        """(webhook_url, delivery status or None, next_attempt_at) of a job."""
+        return await self._fetch_one(
+            "SELECT j.webhook_url, d.status, d.next_attempt_at FROM jobs j"
+            " LEFT JOIN deliveries d ON d.job_id = j.id WHERE j.id = ?",
+            (job_id,),
+        )
+
+    async def attempts(self, job_id: str) -> list[Row]:
+        """(attempt, at, status_code, error, duration_ms) of every attempt, in order."""
+        return await self._fetch(
+            "SELECT attempt, at, status_code, error, duration_ms FROM attempts WHERE job_id = ? ORDER BY attempt",
+            (job_id,),
+        )
+
+    async def dead_letter(self, limit: int) -> list[Row]:
+        """(job_id, url, attempts, last_error, failed_at) of failed deliveries, newest first."""
+        return await self._fetch(
+            "SELECT job_id, url, attempts, last_error, failed_at FROM deliveries"
+            " WHERE status = 'failed' ORDER BY failed_at DESC LIMIT ?",
+            (limit,),
+        )
+
+    async def due_deliveries(self, job_ids: list[str]) -> list[Row]:
+        """(job_id, url, payload, attempts, round_start, retry_policy) of those still under way and ours."""
+        marks = ",".join("?" * len(job_ids))
+        return await self._fetch(
+            "SELECT d.job_id, d.url, d.payload, d.attempts, d.round_start, j.retry_policy"
+            " FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+            f" WHERE d.job_id IN ({marks}) AND d.status IN ('pending', 'retrying') AND d.owner = ?",
+            (*job_ids, self.instance),
+        )
+
+    async def record_attempt(self, job_id: str, number: int, started: float, seconds: float,
+                             status_code: int | None, error: str | None,
+                             status: str, next_attempt_at: float | None) -> None:
+        """Store an attempt and what it made of its delivery."""
+        await self._write(
+            ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms)"
+             " SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM deliveries WHERE job_id = ? AND owner = ?)"
+             " ON CONFLICT (job_id, attempt) DO NOTHING",
+             (job_id, number, started, status_code, error, seconds * 1000, job_id, self.instance)),
+            ("UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
+             " failed_at = ? WHERE job_id = ? AND owner = ?",
+             (status, number, next_attempt_at, error, started if status == "failed" else None,
+              job_id, self.instance)),
+        )
+
+    async def start_round(self, job_id: str, now: float) -> bool:
+        """Make a finished delivery pending again, owned by this instance; False if one is under way."""
+        rows = await self._change(
+            "UPDATE deliveries SET status = 'pending', round_start = attempts, next_attempt_at = ?,"
+            " failed_at = NULL, owner = ? WHERE job_id = ? AND status IN ('delivered', 'failed') RETURNING job_id",
+            (now, self.instance, job_id),
+        )
+        return bool(rows)
+
+    # The service
+
+    async def secret(self, proposed: str) -> str:
+        """The signing secret stored in the db; `proposed` becomes it if there is none yet."""
+        await self._change(
+            "INSERT INTO settings (name, value) VALUES ('secret', ?) ON CONFLICT (name) DO NOTHING RETURNING name",
+            (proposed,),
+        )
+        row = await self._fetch_one("SELECT value FROM settings WHERE name = 'secret'")
+        assert row is not None
+        return row[0]
+
+    async def counts(self) -> tuple[dict[str, int], int]:
+        """Jobs by status, and deliveries in the dead letter."""
+        jobs = {status: count for status, count in await self._fetch("SELECT status, count(*) FROM jobs GROUP BY status")}
+        dead = await self._fetch_one("SELECT count(*) FROM deliveries WHERE status = 'failed'")
+        return jobs, dead[0] if dead else 0
+
+    # Instances: heartbeat, takeover, hand-over (what each store does differs most here)
+
+    async def heartbeat(self) -> bool:
+        """Renew this instance's heartbeat; False if it was presumed dead and its work taken over."""
+        raise NotImplementedError
+
+    async def rejoin(self) -> None:
+        """Join again under a new id, after the work of the old one was taken over."""
+        raise NotImplementedError
+
+    async def take_over(self, failover_after: float) -> Takeover:
+        """Become the owner of the unfinished work of instances presumed dead."""
+        raise NotImplementedError
+
+    async def hand_over(self) -> None:
+        """Leave this instance's unfinished work to the others at once (a graceful stop)."""
+        raise NotImplementedError
+
+    async def wait_for_news(self, seconds: float) -> None:
+        """Sleep up to `seconds`, less if another instance has just handed its work over."""
+        await asyncio.sleep(seconds)
+
+    # What each store provides
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        raise NotImplementedError
+
+    async def _change(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        """Run one statement in a transaction of its own, now; the rows it returns."""
+        raise NotImplementedError
+
+    async def _transaction(self, grouped: dict[str, list[Sequence[Any]]]) -> None:
+        raise NotImplementedError
+
+    # Group commit
+
+    async def _fetch_one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        rows = await self._fetch(sql, params)
+        return rows[0] if rows else None
+
+    async def _write(self, *statements: Statement) -> None:
         """Run statements in one transaction, shared with other writers; return once committed."""
         done = asyncio.get_running_loop().create_future()
         self._pending.append((statements, done))
         self._wake.set()
         await done
-
-    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        """Rows of a query, as committed."""
-        return list(await self._reader.execute_fetchall(sql, params))
-
-    async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> aiosqlite.Row | None:
-        rows = await self.fetch(sql, params)
-        return rows[0] if rows else None
 
     async def _commit_forever(self) -> None:
         while True:
@@ -367,11 +553,19 @@ class Store:
                 return
 
     async def _commit(self, batch: list[tuple[Sequence[Statement], asyncio.Future[None]]]) -> None:
+        # Grouping equal statements into one executemany keeps the round trips per commit
+        # constant. It reorders statements across writes, which is safe because writes in
+        # flight together never touch the same row.
+        grouped: dict[str, list[Sequence[Any]]] = defaultdict(list)
+        for statements, _ in batch:
+            for sql, params in statements:
+                grouped[sql].append(params)
         try:
-            await self._transaction([statements for statements, _ in batch])
+            await self._transaction(grouped)
         except Exception as exc:
-            if len(batch) == 1:
-                _settle(batch[0][1], exc)
+            if len(batch) == 1 or isinstance(exc, StoreUnavailable):
+                for _, done in batch:
+                    _settle(done, exc)
                 return
             # One bad write must not fail the others it happened to share a commit with.
             for one in batch:
@@ -380,22 +574,9 @@ class Store:
         for _, done in batch:
             _settle(done, None)
 
-    async def _transaction(self, writes: list[Sequence[Statement]]) -> None:
-        # Grouping equal statements into one executemany keeps the round trips to the
-        # sqlite thread per commit constant. It reorders statements across writes, which is
-        # safe because writes in flight together never touch the same row.
-        grouped: dict[str, list[Sequence[Any]]] = defaultdict(list)
-        for statements in writes:
-            for sql, params in statements:
-                grouped[sql].append(params)
-        try:
-            for sql, rows in grouped.items():
-                await self._writer.executemany(sql, rows)
-            await self._writer.commit()
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await self._writer.rollback()
-            raise
+
+def _new_instance_id() -> str:
+    return "instance-" + secrets.token_hex(6)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -405,6 +586,301 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+def _refuse_newer_schema(found: Any) -> None:
+    if found is not None and int(found) > SCHEMA_VERSION:
+        raise StoreRefused(
+            f"the database has schema version {found}, newer than this webhookd ({__version__}) knows"
+            f" ({SCHEMA_VERSION}); run a newer webhookd"
+        )
+
+
+class SQLiteStore(Store):
+    """One SQLite file, one instance: a connection that writes in group commits, another that reads.
+
+    The instance holds an exclusive flock on the file while it runs (SQLite's own locks are
+    fcntl locks, which flock does not touch), so a second instance on the same file refuses to
+    start instead of running the unfinished jobs a second time.
+    """
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, lock: int, loops: Loops) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._lock = lock
+        self._writing = asyncio.Lock()
+        self._taken_over = False
+        super().__init__(loops)
+
+    @classmethod
+    async def open(cls, path: str, loops: Loops) -> SQLiteStore:
+        """Open (or create) the database at path, in WAL mode, for this instance alone."""
+        lock = _lock_file(path)
+        # The sqlite3 module's own BEGIN before the first write saves a round trip per commit.
+        writer = await aiosqlite.connect(path, isolation_level="DEFERRED")
+        try:
+            await writer.execute("PRAGMA journal_mode = WAL")
+            # FULL makes "committed before the 202" true across a power cut, not only a crash;
+            # group commit pays its fsync once per batch.
+            await writer.execute("PRAGMA synchronous = FULL")
+            await writer.execute("PRAGMA busy_timeout = 5000")
+            await cls._create_schema(writer)
+            reader = await aiosqlite.connect(path, isolation_level=None)
+        except BaseException:
+            await writer.close()
+            os.close(lock)
+            raise
+        await reader.execute("PRAGMA busy_timeout = 5000")
+        return cls(writer, reader, lock, loops)
+
+    @staticmethod
+    async def _create_schema(writer: aiosqlite.Connection) -> None:
+        version = None
+        with contextlib.suppress(sqlite3.OperationalError):  # no settings table: a new file
+            rows = await writer.execute_fetchall("SELECT value FROM settings WHERE name = 'schema_version'")
+            version = rows[0][0] if rows else 1
+        _refuse_newer_schema(version)
+        if version == 1:
+            for table in ("jobs", "deliveries"):
+                await writer.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT")
+        await writer.executescript(SCHEMA.format(real="REAL", bytes="BLOB", without_rowid=" WITHOUT ROWID",
+                                                 owner_indexes=""))
+        await writer.execute("INSERT OR REPLACE INTO settings (name, value) VALUES ('schema_version', ?)",
+                             (str(SCHEMA_VERSION),))
+        await writer.commit()
+
+    async def close(self) -> None:
+        await super().close()
+        await self._reader.close()
+        await self._writer.close()
+        os.close(self._lock)
+
+    async def heartbeat(self) -> bool:
+        return True
+
+    async def rejoin(self) -> None:
+        pass
+
+    async def take_over(self, failover_after: float) -> Takeover:
+        # The file is this instance's alone: at start-up every unfinished row is its own.
+        if self._taken_over:
+            return Takeover([], [])
+        self._taken_over = True
+        jobs = await self._change(
+            "UPDATE jobs SET owner = ? WHERE status = 'processing'"
+            " RETURNING id, text, webhook_url, retry_policy, created_at", (self.instance,))
+        deliveries = await self._change(
+            "UPDATE deliveries SET owner = ? WHERE status IN ('pending', 'retrying')"
+            " RETURNING next_attempt_at, job_id", (self.instance,))
+        return _takeover(jobs, deliveries)
+
+    async def hand_over(self) -> None:
+        pass
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    async def _change(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        async with self._writing:
+            try:
+                rows = list(await self._writer.execute_fetchall(sql, params))
+                await self._writer.commit()
+            except BaseException:
+                await self._rollback()
+                raise
+        return rows
+
+    async def _transaction(self, grouped: dict[str, list[Sequence[Any]]]) -> None:
+        async with self._writing:
+            try:
+                for sql, rows in grouped.items():
+                    await self._writer.executemany(sql, rows)
+                await self._writer.commit()
+            except BaseException:
+                await self._rollback()
+                raise
+
+    async def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            await self._writer.rollback()
+
+
+def _lock_file(path: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock, and no guard against a second instance
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreRefused(
+            f"{path} is in use by another webhookd instance; an SQLite file serves one instance"
+            " (for several, use --db postgresql://...)"
+        ) from None
+    return fd
+
+
+def _takeover(jobs: list[Row], deliveries: list[Row]) -> Takeover:
+    ordered = sorted(jobs, key=lambda row: row[4])
+    return Takeover(
+        [Job(row[0], row[1], row[2], _json_or_none(row[3])) for row in ordered],
+        [(when, job_id) for when, job_id in deliveries],
+    )
+
+
+class PostgresStore(Store):
+    """A PostgreSQL database shared by any number of instances.
+
+    Each instance heartbeats one row of `instances`. One whose heartbeat is older than
+    --failover-after is presumed dead: the first live instance to delete its row becomes the
+    owner of its unfinished jobs and deliveries, in the same transaction, so each row is taken
+    exactly once. A graceful stop ages its own heartbeat and NOTIFYs, so the others take over
+    at once.
+    """
+
+    NEWS = "webhookd_handover"
+    SCHEMA_LOCK = 0x77656268  # pg_advisory_xact_lock key: "webh"
+
+    def __init__(self, pool: Any, dsn: str, timeout: float, loops: Loops) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self._timeout = timeout
+        self._listener: Any = None
+        self._news = asyncio.Event()
+        super().__init__(loops)
+
+    @classmethod
+    async def open(cls, dsn: str, loops: Loops, timeout: float) -> PostgresStore:
+        """Connect, create or upgrade the schema under an advisory lock, and join as an instance."""
+        try:
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8, timeout=timeout,
+                                             command_timeout=timeout)
+        except Exception as exc:
+            raise StoreRefused(f"cannot connect to {redacted(dsn)}: {_pg_error(exc)}") from None
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", cls.SCHEMA_LOCK)
+                await conn.execute(SCHEMA.format(real="DOUBLE PRECISION", bytes="BYTEA", without_rowid="",
+                                                 owner_indexes=POSTGRES_OWNER_INDEXES))
+                _refuse_newer_schema(await conn.fetchval(
+                    "SELECT value FROM settings WHERE name = 'schema_version'"))
+                await conn.execute(
+                    "INSERT INTO settings (name, value) VALUES ('schema_version', $1)"
+                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value", str(SCHEMA_VERSION))
+            store = cls(pool, dsn, timeout, loops)
+            await store.rejoin()
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await super().close()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=self._timeout)
+        await self._pool.close()
+
+    async def heartbeat(self) -> bool:
+        rows = await self._change(
+            f"UPDATE instances SET heartbeat_at = {DB_NOW} WHERE id = ? RETURNING id", (self.instance,))
+        await self._listen()
+        return bool(rows)
+
+    async def rejoin(self) -> None:
+        self.instance = _new_instance_id()
+        await self._change(f"INSERT INTO instances (id, heartbeat_at) VALUES (?, {DB_NOW}) RETURNING id",
+                           (self.instance,))
+
+    async def take_over(self, failover_after: float) -> Takeover:
+        async def claim(conn: Any) -> Takeover:
+            dead = [row[0] for row in await conn.fetch(
+                f"DELETE FROM instances WHERE heartbeat_at < {DB_NOW} - $1 AND id <> $2 RETURNING id",
+                failover_after, self.instance)]
+            if not dead:
+                return Takeover([], [])
+            jobs = await conn.fetch(
+                "UPDATE jobs SET owner = $1 WHERE owner = ANY($2) AND status = 'processing'"
+                " RETURNING id, text, webhook_url, retry_policy, created_at", self.instance, dead)
+            deliveries = await conn.fetch(
+                "UPDATE deliveries SET owner = $1 WHERE owner = ANY($2) AND status IN ('pending', 'retrying')"
+                " RETURNING next_attempt_at, job_id", self.instance, dead)
+            log.info("took over %d jobs and %d deliveries from %s, presumed dead",
+                     len(jobs), len(deliveries), ", ".join(dead))
+            return _takeover(jobs, deliveries)
+
+        return await self._in_transaction(claim)
+
+    async def hand_over(self) -> None:
+        async def age(conn: Any) -> None:
+            await conn.execute("UPDATE instances SET heartbeat_at = 0 WHERE id = $1", self.instance)
+            await conn.execute(f"NOTIFY {self.NEWS}")
+
+        try:
+            await self._in_transaction(age)
+        except StoreUnavailable:
+            log.warning("could not hand over: the others take over after --failover-after")
+
+    async def wait_for_news(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._news.wait(), seconds)
+        self._news.clear()
+
+    async def _listen(self) -> None:
+        # LISTEN needs a connection of its own, kept open; it is opened again after the
+        # database comes back.
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        try:
+            self._listener = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            await self._listener.add_listener(self.NEWS, lambda *_: self._news.set())
+        except Exception as exc:
+            self._listener = None
+            log.warning("cannot LISTEN for hand-overs (%s); polling only", _pg_error(exc))
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return await self._in_transaction(lambda conn: conn.fetch(_numbered(sql), *params), transaction=False)
+
+    async def _change(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        return await self._in_transaction(lambda conn: conn.fetch(_numbered(sql), *params))
+
+    async def _transaction(self, grouped: dict[str, list[Sequence[Any]]]) -> None:
+        async def run(conn: Any) -> None:
+            for sql, rows in grouped.items():
+                await conn.executemany(_numbered(sql), rows)
+
+        await self._in_transaction(run)
+
+    async def _in_transaction(self, work: Callable[[Any], Awaitable[Any]], transaction: bool = True) -> Any:
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                if not transaction:
+                    return await work(conn)
+                async with conn.transaction():
+                    return await work(conn)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError) as exc:
+            raise StoreUnavailable(f"the database cannot be reached: {_pg_error(exc)}") from None
+
+
+DB_NOW = "extract(epoch from clock_timestamp())"
+POSTGRES_OWNER_INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner) WHERE status = 'processing';
+CREATE INDEX IF NOT EXISTS deliveries_by_owner ON deliveries (owner) WHERE status IN ('pending', 'retrying');
+"""
+
+
+@functools.lru_cache(maxsize=1024)
+def _numbered(sql: str) -> str:
+    """SQLite's ? placeholders as PostgreSQL's $1, $2, ..."""
+    count = itertools.count(1)
+    return re.sub(r"\?", lambda _: f"${next(count)}", sql)
+
+
+def _pg_error(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def iso_time(timestamp: float | None) -> str | None:
@@ -853,6 +1329,26 @@ class Outcome:
         return next((name for name in ("timeout", "blocked") if error.startswith(name)), "connection_error")
 
 
+class Fence:
+    """Whether this instance may start attempts: only while its heartbeat is fresh.
+
+    An instance cut off from the db stops starting attempts half a --failover-after after its
+    last heartbeat, well before the others may take its deliveries over, so the two never send
+    the same attempt (one already in flight may arrive twice, as the contract allows).
+    """
+
+    def __init__(self) -> None:
+        self._open_until = 0.0
+
+    def is_open(self) -> bool:
+        """Whether attempts may start now."""
+        return time.monotonic() < self._open_until
+
+    def open_until(self, moment: float) -> None:
+        """Let attempts start until `moment` (time.monotonic())."""
+        self._open_until = moment
+
+
 class DeliveryEngine:
     """Sends webhooks: attempts now, retries on their schedule, each receiver given a fair share.
 
@@ -869,10 +1365,11 @@ class DeliveryEngine:
 
     def __init__(
         self, config: Config, store: Store, signer: Signer, session: aiohttp.ClientSession, metrics: Metrics,
-        loops: Loops,
+        loops: Loops, fence: Fence,
     ) -> None:
         self._config = config
         self._loops = loops
+        self._fence = fence
         self._store = store
         self._signer = signer
         self._session = session
@@ -901,10 +1398,8 @@ class DeliveryEngine:
         """Attempts under way."""
         return len(self._attempts)
 
-    def start(self, scheduled: Iterable[tuple[float, str]]) -> None:
-        """Take over the schedule found in the db and start the timer."""
-        for when, job_id in scheduled:
-            self.schedule(job_id, when)
+    def start(self) -> None:
+        """Start the timer that sends retries when they are due."""
         self._loops.start("timer", self._fire_timers)
 
     async def stop(self) -> None:
@@ -916,6 +1411,17 @@ class DeliveryEngine:
         for task in self._attempts:
             task.cancel()
         await asyncio.gather(*self._attempts, return_exceptions=True)
+
+    def resume(self) -> None:
+        """Start the attempts that waited for the fence to open."""
+        self._start_attempts()
+
+    def forget(self) -> None:
+        """Drop every delivery waiting here: another instance has taken them over."""
+        self._timers.clear()
+        self._queues.clear()
+        self._ready.clear()
+        self._active.clear()
 
     def is_active(self, job_id: str) -> bool:
         """Whether a round of attempts for this job is under way."""
@@ -974,13 +1480,7 @@ class DeliveryEngine:
             self.send(delivery)
 
     async def _load(self, job_ids: list[str]) -> list[Delivery]:
-        marks = ",".join("?" * len(job_ids))
-        rows = await self._store.fetch(
-            "SELECT d.job_id, d.url, d.payload, d.attempts, d.round_start, j.retry_policy"
-            " FROM deliveries d JOIN jobs j ON j.id = d.job_id"
-            f" WHERE d.job_id IN ({marks}) AND d.status IN ('pending', 'retrying')",
-            job_ids,
-        )
+        rows = await self._store.due_deliveries(job_ids)
         found = {row[0] for row in rows}
         self._active.difference_update(set(job_ids) - found)
         return [
@@ -1003,7 +1503,8 @@ class DeliveryEngine:
 
     def _start_attempts(self) -> None:
         # Round robin over receivers: each free slot goes to the receiver that waited longest.
-        while self._ready and len(self._attempts) < self._config.max_in_flight and not self._stopping:
+        while (self._ready and len(self._attempts) < self._config.max_in_flight and not self._stopping
+               and self._fence.is_open()):
             receiver, _ = self._ready.popitem(last=False)
             if not self._has_room(receiver):  # the slow receivers' share filled up meanwhile
                 continue
@@ -1039,6 +1540,7 @@ class DeliveryEngine:
         self._start_attempts()
 
     async def _attempt(self, delivery: Delivery, receiver: str) -> None:
+        owner = self._store.instance
         number = delivery.attempts + 1
         started = time.time()
         clock = time.perf_counter()
@@ -1053,6 +1555,8 @@ class DeliveryEngine:
         await self._record_attempt(delivery, number, started, seconds, outcome, status, next_attempt_at)
         self._metrics.attempt_made(outcome.label, seconds, dead=status == "failed")
         _log_attempt(delivery, number, outcome, seconds, next_attempt_at)
+        if owner != self._store.instance:
+            return  # taken over while in flight: its new owner goes on with it
         if next_attempt_at is None:
             self._active.discard(delivery.job_id)
         else:
@@ -1082,20 +1586,13 @@ class DeliveryEngine:
         self, delivery: Delivery, number: int, started: float, seconds: float,
         outcome: Outcome, status: str, next_attempt_at: float | None,
     ) -> None:
-        statements = (
-            ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms)"
-             " VALUES (?, ?, ?, ?, ?, ?)",
-             (delivery.job_id, number, started, outcome.status_code, outcome.error, seconds * 1000)),
-            ("UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
-             " failed_at = ? WHERE job_id = ?",
-             (status, number, next_attempt_at, outcome.error,
-              started if status == "failed" else None, delivery.job_id)),
-        )
         # What the receiver answered is known: only the write is tried again, never the POST.
         pause = 0.1
         while True:
             try:
-                return await self._store.write(*statements)
+                return await self._store.record_attempt(
+                    delivery.job_id, number, started, seconds, outcome.status_code, outcome.error,
+                    status, next_attempt_at)
             except Exception:
                 log.exception("could not store attempt %d of %s; trying again in %.1f s",
                               number, delivery.job_id, pause)
@@ -1195,12 +1692,15 @@ class InferenceWorkers:
         self._threads = ThreadPoolExecutor(config.workers, thread_name_prefix="webhookd-model")
         self._names = [f"worker-{n}" for n in range(config.workers)]
 
-    def start(self, unfinished: Iterable[Job]) -> None:
-        """Queue the jobs a previous run left unfinished, then start the workers."""
-        for job in unfinished:
-            self.queue.put_nowait(job)
+    def start(self) -> None:
+        """Start the workers."""
         for name in self._names:
             self._loops.start(name, self._work)
+
+    def forget(self) -> None:
+        """Drop every queued job: another instance has taken them over."""
+        while not self.queue.empty():
+            self.queue.get_nowait()
 
     async def stop(self) -> None:
         """Stop the workers; jobs not finished stay `processing` in the db and run next start."""
@@ -1230,14 +1730,18 @@ class InferenceWorkers:
 
     async def _finish(self, jobs: list[Job], outcomes: list[dict[str, Any] | Exception]) -> None:
         """Record the outcomes and send the webhooks; if the db fails, run the jobs again later."""
+        owner = self._store.instance
         try:
             deliveries = await self._record_results(jobs, outcomes)
         except Exception:
             log.exception("could not store %d results; running those jobs again in 1 s", len(jobs))
             await asyncio.sleep(1)
-            for job in jobs:
-                self.queue.put_nowait(job)
+            if owner == self._store.instance:
+                for job in jobs:
+                    self.queue.put_nowait(job)
             return
+        if owner != self._store.instance:
+            return  # taken over meanwhile: the new owner runs them, and nothing of ours was stored
         for delivery in deliveries:
             self._engine.send(delivery)
 
@@ -1252,29 +1756,92 @@ class InferenceWorkers:
     ) -> list[Delivery]:
         """Store each job's result and its webhook, due now; the deliveries to send."""
         now = time.time()
-        statements: list[Statement] = []
+        finished: list[tuple[Job, str | None, str | None, bytes | None]] = []
         deliveries: list[Delivery] = []
         for job, outcome in zip(jobs, outcomes):
             result, error = (None, _error_text(outcome)) if isinstance(outcome, Exception) else (outcome, None)
-            statements.append((
-                "UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ? WHERE id = ?",
-                ("completed" if error is None else "failed", result and json.dumps(result), error, now, job.id),
-            ))
             if error:
                 log.warning("job %s failed: %s", job.id, error)
-            if job.webhook_url:
-                payload = webhook_payload(job.id, result, error, now)
-                statements.append((
-                    "INSERT INTO deliveries (job_id, url, payload, status, next_attempt_at)"
-                    " VALUES (?, ?, ?, 'pending', ?)",
-                    (job.id, job.webhook_url, payload, now),
-                ))
+            payload = webhook_payload(job.id, result, error, now) if job.webhook_url else None
+            finished.append((job, result and json.dumps(result), error, payload))
+            if job.webhook_url and payload is not None:
                 policy = self._config.retry.overridden(job.retry_policy)
                 deliveries.append(Delivery(job.id, job.webhook_url, payload, 0, 0, policy))
-        await self._store.write(*statements)
+        await self._store.record_results(finished, now)
         for outcome in outcomes:
             self._metrics.job_finished(failed=isinstance(outcome, Exception))
         return deliveries
+
+
+# ---------------------------------------------------------------------------
+# Instances
+# ---------------------------------------------------------------------------
+
+
+class Instance:
+    """This instance among those sharing the db: it heartbeats, fences itself when it cannot,
+    and takes over the work of instances presumed dead.
+
+    The heartbeat is renewed every fifth of --failover-after; each renewal opens the fence for
+    half of it. With SQLite there is one instance, and its only takeover is at start-up: every
+    unfinished row in the file.
+    """
+
+    def __init__(self, config: Config, store: Store, workers: InferenceWorkers, engine: DeliveryEngine,
+                 fence: Fence, loops: Loops) -> None:
+        self._config = config
+        self._store = store
+        self._workers = workers
+        self._engine = engine
+        self._fence = fence
+        self._loops = loops
+        self._reachable = True
+
+    async def start(self) -> None:
+        """Heartbeat, take over what was left unfinished, and keep doing both."""
+        await self._renew()
+        await self._take_over()
+        self._loops.start("heartbeat", self._keep_alive)
+
+    async def stop(self) -> None:
+        """Stop heartbeating (the store hands the work over once the rest has stopped)."""
+        await self._loops.stop("heartbeat")
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await self._store.wait_for_news(self._config.failover_after / 5)
+            await self._renew()
+            await self._take_over()
+
+    async def _renew(self) -> None:
+        sent = time.monotonic()
+        try:
+            if not await self._store.heartbeat():
+                log.warning("%s was presumed dead and its work taken over; dropping it and rejoining",
+                            self._store.instance)
+                self._workers.forget()
+                self._engine.forget()
+                await self._store.rejoin()
+        except StoreUnavailable as exc:
+            if self._reachable:
+                log.error("cannot heartbeat, so no attempt starts until the database is back: %s", exc)
+            self._reachable = False
+            return
+        if not self._reachable:
+            log.info("the database is back; %s carries on", self._store.instance)
+        self._reachable = True
+        self._fence.open_until(sent + self._config.failover_after / 2)
+        self._engine.resume()
+
+    async def _take_over(self) -> None:
+        try:
+            takeover = await self._store.take_over(self._config.failover_after)
+        except StoreUnavailable:
+            return
+        for job in takeover.jobs:
+            self._workers.queue.put_nowait(job)
+        for when, job_id in takeover.deliveries:
+            self._engine.schedule(job_id, when)
 
 
 # ---------------------------------------------------------------------------
@@ -1288,6 +1855,7 @@ ENGINE = web.AppKey("engine", DeliveryEngine)
 WORKERS = web.AppKey("workers", InferenceWorkers)
 METRICS = web.AppKey("metrics", Metrics)
 LOOPS = web.AppKey("loops", Loops)
+FENCE = web.AppKey("fence", Fence)
 IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict[str, asyncio.Future[None]])
 
 
@@ -1303,7 +1871,7 @@ async def predict(request: web.Request) -> web.Response:
     job = job_from_fields(fields, config.allow_private_urls)
     key = _idempotency_key(request)
     if key is None:
-        await _add_job(request.app, job, None, None)
+        await _add_job(request.app, job)
         return web.json_response(_accepted(job.id, job.webhook_url is not None), status=202)
     job_id, registered, replayed = await _add_job_once(request.app, job, key, _request_hash(fields))
     headers = {"Idempotent-Replayed": "true"} if replayed else None
@@ -1313,10 +1881,7 @@ async def predict(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     """GET /jobs/{job_id}: the job, its status and result."""
     job_id = request.match_info["job_id"]
-    row = await request.app[STORE].fetch_one(
-        "SELECT status, result, error, created_at, completed_at, webhook_url FROM jobs WHERE id = ?",
-        (job_id,),
-    )
+    row = await request.app[STORE].job(job_id)
     if row is None:
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
     return web.json_response({
@@ -1335,11 +1900,7 @@ async def webhook_status(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     store = request.app[STORE]
     webhook = await _find_webhook(store, job_id)
-    attempts = await store.fetch(
-        "SELECT attempt, at, status_code, error, duration_ms FROM attempts"
-        " WHERE job_id = ? ORDER BY attempt",
-        (job_id,),
-    )
+    attempts = await store.attempts(job_id)
     return web.json_response({
         "job_id": job_id,
         "webhook_url": webhook.url,
@@ -1362,11 +1923,7 @@ async def webhook_status(request: web.Request) -> web.Response:
 async def dead_letter(request: web.Request) -> web.Response:
     """GET /webhooks/dead-letter: deliveries that failed for good, newest first."""
     limit = _limit(request.query.get("limit", "100"))
-    rows = await request.app[STORE].fetch(
-        "SELECT job_id, url, attempts, last_error, failed_at FROM deliveries"
-        " WHERE status = 'failed' ORDER BY failed_at DESC LIMIT ?",
-        (limit,),
-    )
+    rows = await request.app[STORE].dead_letter(limit)
     return web.json_response({
         "deliveries": [
             {"job_id": job_id, "webhook_url": url, "attempts": attempts,
@@ -1387,14 +1944,13 @@ async def redeliver(request: web.Request) -> web.Response:
     engine.claim(job_id)
     now = time.time()
     try:
-        await app[STORE].write((
-            "UPDATE deliveries SET status = 'pending', round_start = attempts, next_attempt_at = ?,"
-            " failed_at = NULL WHERE job_id = ?",
-            (now, job_id),
-        ))
+        started = await app[STORE].start_round(job_id, now)
     except BaseException:
         engine.release(job_id)
         raise
+    if not started:  # another instance started one first
+        engine.release(job_id)
+        raise web.HTTPConflict(text=f"job {job_id} already has a round of attempts under way")
     if webhook.status == "failed":
         app[METRICS].dead_letter -= 1
     engine.schedule(job_id, now)
@@ -1402,15 +1958,19 @@ async def redeliver(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """GET /healthz: 200 while the service runs; 503 naming a background loop that is down."""
-    down = request.app[LOOPS].down()
+    """GET /healthz: 200 while the service runs; 503 if a background loop is down or the db unreachable."""
+    app = request.app
+    down = app[LOOPS].down()
     if down:
         raise web.HTTPServiceUnavailable(
             text=f"not processing: the {', '.join(down)} loop is down; the log says why",
             headers={"Retry-After": "1"},
         )
+    if not app[FENCE].is_open():
+        raise web.HTTPServiceUnavailable(text="the database cannot be reached", headers={"Retry-After": "1"})
     return web.json_response({
         "status": "ok",
+        "instance": app[STORE].instance,
         "version": __version__,
         "queue_depth": request.app[WORKERS].queue.qsize(),
     })
@@ -1435,6 +1995,8 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
             raise
         headers = {h: exc.headers[h] for h in ("Allow", "WWW-Authenticate", "Retry-After") if h in exc.headers}
         return web.json_response({"error": _error_message(request, exc)}, status=exc.status, headers=headers)
+    except StoreUnavailable as exc:
+        return web.json_response({"error": f"{exc}; try again later"}, status=503, headers={"Retry-After": "1"})
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return web.json_response({"error": "internal error; the server log has the details"}, status=500)
@@ -1587,14 +2149,13 @@ def _accepted(job_id: str, webhook_registered: bool) -> dict[str, Any]:
     return {"job_id": job_id, "status": "processing", "webhook_registered": webhook_registered}
 
 
-async def _add_job(app: web.Application, job: Job, key: str | None, request_hash: str | None) -> None:
+async def _add_job(app: web.Application, job: Job) -> None:
     """Commit a job, then queue it for the workers."""
-    await app[STORE].write((
-        "INSERT INTO jobs (id, text, webhook_url, retry_policy, status, created_at, idempotency_key,"
-        " request_hash) VALUES (?, ?, ?, ?, 'processing', ?, ?, ?)",
-        (job.id, job.text, job.webhook_url, job.retry_policy and json.dumps(job.retry_policy),
-         time.time(), key, request_hash),
-    ))
+    await app[STORE].add_job(job)
+    _queue(app, job)
+
+
+def _queue(app: web.Application, job: Job) -> None:
     app[METRICS].job_accepted()
     app[WORKERS].queue.put_nowait(job)
 
@@ -1607,14 +2168,16 @@ async def _add_job_once(app: web.Application, job: Job, key: str, request_hash: 
         await asyncio.shield(in_progress[key])
     first = asyncio.get_running_loop().create_future()
     in_progress[key] = first
+    store = app[STORE]
     try:
-        row = await app[STORE].fetch_one(
-            "SELECT id, webhook_url IS NOT NULL, request_hash FROM jobs WHERE idempotency_key = ?",
-            (key,),
-        )
+        row = await store.job_with_key(key)
         if row is None:
-            await _add_job(app, job, key, request_hash)
-            return job.id, job.webhook_url is not None, False
+            await store.add_job(job, key, request_hash)
+            # Ours, or that of another instance which the same key reached a moment before.
+            row = await store.job_with_key(key)
+            if row is None or row[0] == job.id:
+                _queue(app, job)
+                return job.id, job.webhook_url is not None, False
     finally:
         del in_progress[key]
         first.set_result(None)
@@ -1635,11 +2198,7 @@ class Webhook(NamedTuple):
 
 async def _find_webhook(store: Store, job_id: str) -> Webhook:
     """A job's webhook; 404 if there is no such job or it has no webhook_url."""
-    row = await store.fetch_one(
-        "SELECT j.webhook_url, d.status, d.next_attempt_at FROM jobs j"
-        " LEFT JOIN deliveries d ON d.job_id = j.id WHERE j.id = ?",
-        (job_id,),
-    )
+    row = await store.webhook(job_id)
     if row is None:
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
     if row[0] is None:
@@ -1694,31 +2253,37 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
     model = load_model(config.model)
     loops = app[LOOPS]
     async with contextlib.AsyncExitStack() as stack:
-        store = await Store.open(config.db, loops)
+        store = await open_store(config.db, loops, config.timeout)
         stack.push_async_callback(store.close)
+        stack.push_async_callback(store.hand_over)
         signer = Signer(config.secrets or [await _stored_secret(store, config.db)])
-        metrics = Metrics(*await _counts(store))
+        metrics = Metrics(*await store.counts())
         resolver = None if config.allow_private_urls else PublicResolver()
         if resolver:
             stack.push_async_callback(resolver.close)  # a connector closes only a resolver it made
         session = _client_session(config, resolver)
         stack.push_async_callback(session.close)
-        engine = DeliveryEngine(config, store, signer, session, metrics, loops)
-        engine.start(await _scheduled_deliveries(store))
+        fence = Fence()
+        engine = DeliveryEngine(config, store, signer, session, metrics, loops, fence)
+        engine.start()
         stack.push_async_callback(engine.stop)
         workers = InferenceWorkers(config, store, engine, model, metrics, loops)
-        workers.start(await _unfinished_jobs(store))
+        workers.start()
         stack.push_async_callback(workers.stop)
-        app[STORE], app[ENGINE], app[WORKERS], app[METRICS] = store, engine, workers, metrics
+        instance = Instance(config, store, workers, engine, fence, loops)
+        await instance.start()
+        stack.push_async_callback(instance.stop)
+        app[STORE], app[ENGINE], app[WORKERS], app[METRICS], app[FENCE] = store, engine, workers, metrics, fence
         loops.start("pruner", functools.partial(_prune_idempotency_keys, store))
         stack.push_async_callback(loops.stop, "pruner")
         waits = ", ".join(f"{wait:g}" for wait in retry_schedule(config.retry)[:5]) or "no"
         if config.retry.max_retries > 5:
             waits += ", ..."
-        log.info("webhookd %s: %d jobs to finish, %d deliveries scheduled; retries after %s s",
-                 __version__, workers.queue.qsize(), engine.scheduled, waits)
+        log.info("webhookd %s, %s on %s: %d jobs to finish, %d deliveries scheduled; retries after %s s",
+                 __version__, store.instance, redacted(config.db), workers.queue.qsize(), engine.scheduled, waits)
         yield
-        log.info("webhookd stopping; what is unfinished stays in %s for the next start", config.db)
+        log.info("webhookd stopping; what is unfinished stays in %s, for the next start or the other instances",
+                 redacted(config.db))
 
 
 def _client_session(config: Config, resolver: AbstractResolver | None) -> aiohttp.ClientSession:
@@ -1733,13 +2298,12 @@ def _client_session(config: Config, resolver: AbstractResolver | None) -> aiohtt
 
 
 async def _stored_secret(store: Store, db: str) -> str:
-    row = await store.fetch_one("SELECT value FROM settings WHERE name = 'secret'")
-    if row is not None:
-        return row[0]
-    secret = generate_secret()
-    await store.write(("INSERT INTO settings (name, value) VALUES ('secret', ?)", (secret,)))
+    proposed = generate_secret()
+    secret = await store.secret(proposed)
+    if secret != proposed:
+        return secret
     print(
-        f"webhookd: generated a signing secret and stored it in {db}; it is shown only this once:\n\n"
+        f"webhookd: generated a signing secret and stored it in {redacted(db)}; it is shown only this once:\n\n"
         f"    {secret}\n\n"
         "Receivers verify X-Signature == 'sha256=' + HMAC-SHA256(key, raw body) in hex, where key\n"
         "is the base64-decoded part after 'whsec_', or use any Standard Webhooks library with the\n"
@@ -1749,41 +2313,13 @@ async def _stored_secret(store: Store, db: str) -> str:
     return secret
 
 
-async def _counts(store: Store) -> tuple[dict[str, int], int]:
-    jobs = dict(await store.fetch("SELECT status, count(*) FROM jobs GROUP BY status"))
-    dead = await store.fetch_one("SELECT count(*) FROM deliveries WHERE status = 'failed'")
-    return jobs, dead[0] if dead else 0
-
-
-async def _scheduled_deliveries(store: Store) -> list[tuple[float, str]]:
-    rows = await store.fetch(
-        "SELECT next_attempt_at, job_id FROM deliveries WHERE status IN ('pending', 'retrying')"
-    )
-    return [(when, job_id) for when, job_id in rows]
-
-
-async def _unfinished_jobs(store: Store) -> list[Job]:
-    rows = await store.fetch(
-        "SELECT id, text, webhook_url, retry_policy FROM jobs WHERE status = 'processing' ORDER BY created_at"
-    )
-    return [Job(row[0], row[1], row[2], _json_or_none(row[3])) for row in rows]
-
-
 async def _prune_idempotency_keys(store: Store) -> None:
     while True:
         try:
-            await _forget_old_idempotency_keys(store)
+            await store.forget_idempotency_keys(time.time() - IDEMPOTENCY_KEY_LIFETIME)
         except Exception:
             log.exception("could not forget old idempotency keys; trying again in an hour")
         await asyncio.sleep(3600)
-
-
-async def _forget_old_idempotency_keys(store: Store) -> None:
-    await store.write((
-        "UPDATE jobs SET idempotency_key = NULL, request_hash = NULL"
-        " WHERE idempotency_key IS NOT NULL AND created_at < ?",
-        (time.time() - IDEMPOTENCY_KEY_LIFETIME,),
-    ))
 
 
 # ---------------------------------------------------------------------------
@@ -1863,7 +2399,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     _option(serve, "--host", "127.0.0.1", "listen address")
     _option(serve, "--port", 8000, "listen port (0: any free port; the chosen one is printed)", int)
-    _option(serve, "--db", "webhookd.db", "SQLite file; all jobs, deliveries and attempts live here")
+    _option(serve, "--db", "webhookd.db",
+            "where jobs, deliveries and attempts live: an SQLite file (one instance),"
+            " or a postgresql:// URL shared by several instances")
     _option(serve, "--workers", 4, "inference workers fed by the job queue", int)
     _option(serve, "--secret", None, "signing secret(s), space separated; default: generated once, kept in the db")
     _option(serve, "--max-retries", 3, "retries after the first attempt", int)
@@ -1877,6 +2415,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     _option(serve, "--api-key", None, "require Authorization: Bearer <key> on every endpoint but /healthz")
     _option(serve, "--model", "vader", "the sentiment model: vader, or module:callable (text -> dict)")
     _option(serve, "--log-level", "info", "debug, info, warning or error")
+    _option(serve, "--failover-after", 10.0,
+            "PostgreSQL: seconds without a heartbeat before an instance's work is taken over", float)
 
     receive = commands.add_parser("receive", help="run a verifying receiver for manual tests")
     # The receiver shares the service's secret and db variables, but not where it listens.
@@ -1922,6 +2462,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         api_key=args.api_key or None,
         model=args.model,
         log_level=args.log_level,
+        failover_after=args.failover_after,
     )
 
 
@@ -1962,7 +2503,11 @@ def _run(app: web.Application, host: str, port: int, **options: Any) -> int:
     except OSError as exc:
         print(f"webhookd: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    web.run_app(app, sock=sock, **options)
+    try:
+        web.run_app(app, sock=sock, **options)
+    except StoreRefused as exc:
+        print(f"webhookd: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
