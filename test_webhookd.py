@@ -40,7 +40,7 @@ from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 import webhookd
-from webhookd import Config, RetryPolicy, create_app
+from webhookd import CONFIG, Config, RetryPolicy, create_app
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAST = RetryPolicy(max_retries=3, backoff_base=0.02, backoff_factor=2.0)
@@ -1407,6 +1407,315 @@ async def test_a_crashed_loop_restarts_and_healthz_names_it_while_down(service: 
 async def unhealthy(client: TestClient) -> Any:
     response = await client.get("/healthz")
     return response if response.status == 503 else None
+
+
+# ---------------------------------------------------------------------------
+# Several instances (PostgreSQL), and one SQLite file for one instance
+# ---------------------------------------------------------------------------
+
+postgres_only = pytest.mark.parametrize("store", ["postgres"], indirect=True)
+
+
+def fails_until(up: asyncio.Event) -> Callable[[Arrival, int], web.Response]:
+    """Answer 500 until `up` is set, then 200."""
+    return lambda arrival, n: web.json_response({}) if up.is_set() else web.Response(status=500)
+
+
+async def instance_id(client: TestClient) -> str:
+    return (await (await client.get("/healthz")).json())["instance"]
+
+
+def attempt_numbers(receiver: Receiver, job_id: str) -> list[int]:
+    return [int(a.headers["X-Webhook-Attempt"]) for a in receiver.arrivals if a.json["job_id"] == job_id]
+
+
+def assert_numbered_without_gaps_or_repeats(status: dict[str, Any]) -> None:
+    numbers = [a["attempt"] for a in status["attempts"]]
+    assert numbers == list(range(1, len(numbers) + 1)), numbers
+
+
+@postgres_only
+async def test_any_instance_answers_for_every_job_and_redelivers_it(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    a, b = await make_service(retry=replace(FAST, max_retries=0)), await make_service()
+    assert await instance_id(a) != await instance_id(b)
+    release = asyncio.Event()
+
+    async def answers(arrival: Arrival, n: int) -> web.Response:
+        if n == 1:
+            return web.Response(status=500)
+        await release.wait()
+        return web.json_response({})
+
+    receiver = await make_receiver(answers)
+    job_id = (await submit(a, webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(b, job_id, "failed")
+    assert (await (await b.get(f"/jobs/{job_id}")).json())["status"] == "completed"
+    dead = (await (await b.get("/webhooks/dead-letter")).json())["deliveries"]
+    assert [d["job_id"] for d in dead] == [job_id]
+    assert (await b.post(f"/webhooks/{job_id}/redeliver")).status == 202
+    await receiver.wait_for(2)
+    assert (await a.post(f"/webhooks/{job_id}/redeliver")).status == 409  # under way at B
+    release.set()
+    status = await wait_for_status(a, job_id, "delivered")
+    assert [x["attempt"] for x in status["attempts"]] == [1, 2]
+
+
+@postgres_only
+async def test_one_idempotency_key_at_several_instances_at_once_makes_one_job(
+    make_service: Callable[..., Any], config: Config
+) -> None:
+    instances = [await make_service() for _ in range(3)]
+    responses = await asyncio.gather(*(
+        client.post("/predict", json={"text": "once"}, headers={"Idempotency-Key": "shared-key"})
+        for client in instances * 4
+    ))
+    assert [r.status for r in responses] == [202] * 12
+    assert len({(await r.json())["job_id"] for r in responses}) == 1
+    assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in responses) == 11
+    assert await query(config.db, "SELECT count(*) FROM jobs") == [(1,)]
+
+
+@postgres_only
+async def test_a_generated_secret_is_made_once_and_shared(
+    make_service: Callable[..., Any], receiver: Receiver, config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = await asyncio.gather(make_service(secrets=()), make_service(secrets=()))
+    [(secret,)] = await query(config.db, "SELECT value FROM settings WHERE name = 'secret'")
+    assert capsys.readouterr().out.count(secret) == 1
+    for client in (a, b):
+        await submit(client, webhook_url=receiver.url())
+    for arrival in await receiver.wait_for(2):
+        Webhook(secret).verify(arrival.body, arrival.headers)
+
+
+@postgres_only
+async def test_while_every_instance_lives_each_job_runs_once_and_each_attempt_is_made_once(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    instances = [await make_service() for _ in range(2)]
+    first_seen: set[str] = set()
+
+    def fail_each_first_attempt(arrival: Arrival, n: int) -> web.Response:
+        webhook_id = arrival.headers["webhook-id"]
+        if webhook_id in first_seen:
+            return web.json_response({})
+        first_seen.add(webhook_id)
+        return web.Response(status=500)
+
+    receiver = await make_receiver(fail_each_first_attempt)
+    ids = [(await submit(instances[n % 2], f"text {n}", webhook_url=receiver.url()))["job_id"] for n in range(20)]
+    for job_id in ids:
+        status = await wait_for_status(instances[1], job_id, "delivered")
+        assert [x["attempt"] for x in status["attempts"]] == [1, 2]
+        assert attempt_numbers(receiver, job_id) == [1, 2]
+    assert len(receiver.arrivals) == 40
+
+
+def slow_on_request(text: str) -> dict[str, Any]:
+    if text.startswith("slow"):
+        time.sleep(0.5)
+    return {"sentiment": "neutral", "confidence": 0.5}
+
+
+@postgres_only
+async def test_kill_9_of_one_of_two_instances_the_other_delivers_everything(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], config: Config
+) -> None:
+    survivor = await make_service(retry=replace(FAST, max_retries=50))
+    up = asyncio.Event()
+    receiver = await make_receiver(fails_until(up))
+    child = ServiceProcess(config.db, "--model", "test_webhookd:slow_on_request", "--backoff-base", "0.3",
+                           "--max-retries", "50", "--workers", "1")
+    try:
+        retrying = (await child.submit(text="fast", webhook_url=receiver.url()))["job_id"]
+        await receiver.wait_for(1, retrying)
+        queued = [(await child.submit(text=f"slow {n}", webhook_url=receiver.url()))["job_id"] for n in range(3)]
+    finally:
+        child.process.kill()
+        child.process.wait()
+    up.set()
+    for job_id in [retrying, *queued]:
+        assert_numbered_without_gaps_or_repeats(await wait_for_status(survivor, job_id, "delivered"))
+    assert all(a.json["job_id"] in {retrying, *queued} for a in receiver.arrivals)
+
+
+@postgres_only
+async def test_a_graceful_stop_hands_its_work_over_at_once(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], config: Config
+) -> None:
+    # --failover-after 600: only the hand-over, never a takeover of the dead, can finish this in time.
+    survivor = await make_service(retry=replace(FAST, max_retries=50), failover_after=600.0)
+    up = asyncio.Event()
+    receiver = await make_receiver(fails_until(up))
+    child = ServiceProcess(config.db, "--model", "test_webhookd:slow_on_request", "--backoff-base", "5",
+                           "--max-retries", "50", "--workers", "1", "--failover-after", "600")
+    retrying = (await child.submit(text="fast", webhook_url=receiver.url()))["job_id"]
+    await receiver.wait_for(1, retrying)
+    queued = [(await child.submit(text=f"slow {n}", webhook_url=receiver.url()))["job_id"] for n in range(3)]
+    child.process.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.to_thread(child.process.communicate, timeout=DEADLINE)
+    assert child.process.returncode == 0, stderr
+    up.set()
+    for job_id in [retrying, *queued]:
+        await wait_for_status(survivor, job_id, "delivered")
+
+
+@postgres_only
+async def test_an_instance_cut_off_stops_sending_and_its_successor_takes_over(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    retry = replace(FAST, max_retries=100, backoff_base=0.1, backoff_factor=1.0)
+    cut_off, successor = await make_service(retry=retry), await make_service(retry=retry)
+    up = asyncio.Event()
+    receiver = await make_receiver(fails_until(up))
+    job_id = (await submit(cut_off, webhook_url=receiver.url()))["job_id"]
+    await receiver.wait_for(2, job_id)
+    store = cut_off.app[webhookd.STORE]
+    old_id = store.instance
+
+    async def unreachable(*args: Any) -> Any:
+        raise webhookd.StoreUnavailable("cut off")
+
+    monkeypatch.setattr(store, "heartbeat", unreachable)
+    monkeypatch.setattr(store, "take_over", unreachable)
+    await wait_until(lambda: unhealthy(cut_off), "the cut-off instance to fence itself")
+    engine = cut_off.app[webhookd.ENGINE]
+    await wait_until(lambda: asyncio.sleep(0, engine._queues and not engine.in_flight), "a retry held at the fence")
+    fenced_at = len(attempt_numbers(receiver, job_id))
+    taken = await wait_until(lambda: owned_elsewhere(successor, job_id, old_id), "the successor to take over")
+    assert taken and not cut_off.app[webhookd.ENGINE].in_flight
+    monkeypatch.undo()  # the network heals
+    await wait_until(lambda: rejoined(cut_off, old_id), "the cut-off instance to rejoin under a new id")
+    up.set()
+    status = await wait_for_status(successor, job_id, "delivered")
+    assert_numbered_without_gaps_or_repeats(status)
+    numbers = attempt_numbers(receiver, job_id)
+    assert len(numbers) > fenced_at
+    assert sorted(set(numbers)) == sorted(numbers), "an attempt was sent by both instances"
+
+
+async def owned_elsewhere(client: TestClient, job_id: str, old_owner: str) -> bool:
+    [(owner,)] = await query(client.app[CONFIG].db, "SELECT owner FROM deliveries WHERE job_id = ?", job_id)
+    return owner != old_owner
+
+
+async def rejoined(client: TestClient, old_id: str) -> bool:
+    response = await client.get("/healthz")
+    return response.status == 200 and (await response.json())["instance"] != old_id
+
+
+@postgres_only
+async def test_the_database_stopped_and_started_under_a_running_instance(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    cluster = new_postgres_cluster()
+    try:
+        service = await make_service(db=cluster.new_database(), retry=replace(FAST, max_retries=100, backoff_factor=1.0))
+        up = asyncio.Event()
+        receiver = await make_receiver(fails_until(up))
+        before = (await submit(service, webhook_url=receiver.url()))["job_id"]
+        await receiver.wait_for(1, before)
+        cluster.stop()
+        for response in (await service.post("/predict", json={"text": "hi"}), await service.get(f"/jobs/{before}"),
+                         await service.post(f"/webhooks/{before}/redeliver")):
+            assert response.status == 503 and response.headers["Retry-After"]
+            assert "database" in (await response.json())["error"]
+        await wait_until(lambda: unhealthy(service), "/healthz to say 503")
+        cluster.start()
+        await wait_until(lambda: healthy(service), "the instance to carry on")
+        up.set()
+        after = (await submit(service, webhook_url=receiver.url()))["job_id"]
+        for job_id in (before, after):
+            await wait_for_status(service, job_id, "delivered")
+    finally:
+        cluster.remove()
+
+
+async def healthy(client: TestClient) -> bool:
+    return (await client.get("/healthz")).status == 200
+
+
+@postgres_only
+async def test_instances_starting_at_once_on_an_empty_database_all_start(make_service: Callable[..., Any]) -> None:
+    instances = await asyncio.gather(*(make_service() for _ in range(4)))
+    assert len({await instance_id(client) for client in instances}) == 4
+
+
+@postgres_only
+async def test_an_instance_refuses_a_newer_schema_in_one_line(make_service: Callable[..., Any], config: Config) -> None:
+    await (await make_service()).close()
+    await query(config.db, "UPDATE settings SET value = '99' WHERE name = 'schema_version' RETURNING value")
+    done = await asyncio.to_thread(run_webhookd, "--db", config.db)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "schema version 99" in done.stderr, done.stderr
+
+
+def run_webhookd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(HERE / "webhookd.py"), "--port", "0", *args],
+        capture_output=True, text=True, timeout=DEADLINE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")},
+    )
+
+
+@postgres_only
+async def test_a_postgres_password_appears_nowhere(
+    make_service: Callable[..., Any], receiver: Receiver, postgres: PostgresCluster, config: Config,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    password = "pa55-not-to-be-seen"
+    service = await make_service(db=config.db.replace("postgres@", f"postgres:{password}@"), secrets=())
+    job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(service, job_id, "delivered")
+    for path in ("/healthz", "/metrics", f"/jobs/{job_id}", f"/webhooks/{job_id}/status"):
+        assert password not in await (await service.get(path)).text()
+    assert password not in caplog.text
+    refused = await asyncio.to_thread(run_webhookd, "--db", f"postgresql://postgres:{password}@127.0.0.1:1/x")
+    assert refused.returncode == 1 and "postgres:***@" in refused.stderr and password not in refused.stderr
+
+
+async def test_a_second_instance_on_one_sqlite_file_refuses_to_start(
+    service: TestClient, receiver: Receiver, config: Config
+) -> None:
+    done = await asyncio.to_thread(run_webhookd, "--db", config.db)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "in use by another webhookd instance" in done.stderr, done.stderr
+    job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]  # the first carries on
+    await wait_for_status(service, job_id, "delivered")
+
+
+V1_SCHEMA = """
+CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE jobs (id TEXT PRIMARY KEY, text TEXT NOT NULL, webhook_url TEXT, retry_policy TEXT,
+    status TEXT NOT NULL, result TEXT, error TEXT, created_at REAL NOT NULL, completed_at REAL,
+    idempotency_key TEXT, request_hash TEXT);
+CREATE TABLE deliveries (job_id TEXT PRIMARY KEY, url TEXT NOT NULL, payload BLOB NOT NULL,
+    status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, round_start INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL, last_error TEXT, failed_at REAL);
+CREATE TABLE attempts (job_id TEXT NOT NULL, attempt INTEGER NOT NULL, at REAL NOT NULL,
+    status_code INTEGER, error TEXT, duration_ms REAL NOT NULL, PRIMARY KEY (job_id, attempt)) WITHOUT ROWID;
+"""
+
+
+async def test_a_webhookd_1_0_database_is_upgraded_and_its_work_resumed(
+    make_service: Callable[..., Any], receiver: Receiver, config: Config
+) -> None:
+    payload = b'{"job_id":"job-old-delivery","status":"completed","result":null,"timestamp":"x"}'
+    with contextlib.closing(sqlite3.connect(config.db)) as db, db:
+        db.executescript(V1_SCHEMA)
+        db.execute("INSERT INTO jobs (id, text, webhook_url, status, created_at) VALUES"
+                   " ('job-old-queued', 'left running', ?, 'processing', 1)", (receiver.url(),))
+        db.execute("INSERT INTO jobs (id, text, webhook_url, status, created_at) VALUES"
+                   " ('job-old-delivery', 'done', ?, 'completed', 1)", (receiver.url(),))
+        db.execute("INSERT INTO deliveries (job_id, url, payload, status, attempts, next_attempt_at)"
+                   " VALUES ('job-old-delivery', ?, ?, 'retrying', 1, 0)", (receiver.url(), payload))
+    service = await make_service()
+    for job_id in ("job-old-queued", "job-old-delivery"):
+        await wait_for_status(service, job_id, "delivered")
+    assert await query(config.db, "SELECT value FROM settings WHERE name = 'schema_version'") == [("2",)]
 
 
 # ---------------------------------------------------------------------------
