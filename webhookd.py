@@ -63,7 +63,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 log = logging.getLogger("webhookd")
 
@@ -236,7 +236,7 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 
 SCHEMA_VERSION = 2  # 1 was webhookd 1.0's SQLite schema: no owners, no instances
 
-# One schema for both stores; {real}, {bytes} and {owner_indexes} are where their dialects differ.
+# One schema for both stores; the {fields} are where their dialects differ.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (
     name  TEXT PRIMARY KEY,
@@ -596,6 +596,31 @@ def _refuse_newer_schema(found: Any) -> None:
         )
 
 
+def _takeover(jobs: list[Row], deliveries: list[Row]) -> Takeover:
+    ordered = sorted(jobs, key=lambda row: row[4])
+    return Takeover(
+        [Job(row[0], row[1], row[2], _json_or_none(row[3])) for row in ordered],
+        [(when, job_id) for when, job_id in deliveries],
+    )
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    """ISO-8601 UTC with a Z, as the contract writes times."""
+    if timestamp is None:
+        return None
+    moment = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json_or_none(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+# ---------------------------------------------------------------------------
+# Storage: SQLite
+# ---------------------------------------------------------------------------
+
+
 class SQLiteStore(Store):
     """One SQLite file, one instance: a connection that writes in group commits, another that reads.
 
@@ -722,12 +747,9 @@ def _lock_file(path: str) -> int:
     return fd
 
 
-def _takeover(jobs: list[Row], deliveries: list[Row]) -> Takeover:
-    ordered = sorted(jobs, key=lambda row: row[4])
-    return Takeover(
-        [Job(row[0], row[1], row[2], _json_or_none(row[3])) for row in ordered],
-        [(when, job_id) for when, job_id in deliveries],
-    )
+# ---------------------------------------------------------------------------
+# Storage: PostgreSQL
+# ---------------------------------------------------------------------------
 
 
 class PostgresStore(Store):
@@ -881,18 +903,6 @@ def _numbered(sql: str) -> str:
 
 def _pg_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
-
-
-def iso_time(timestamp: float | None) -> str | None:
-    """ISO-8601 UTC with a Z, as the contract writes times."""
-    if timestamp is None:
-        return None
-    moment = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _json_or_none(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
 
 
 # ---------------------------------------------------------------------------
