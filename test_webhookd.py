@@ -15,6 +15,8 @@ import hmac
 import json
 import logging
 import os
+import platform
+import re
 import random
 import secrets
 import shutil
@@ -24,7 +26,9 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +39,7 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from hypothesis import HealthCheck, given, settings, strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from aiohttp.test_utils import TestClient
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -547,9 +552,15 @@ async def test_retries_exhausted_is_failed_and_in_the_dead_letter(
 async def test_per_job_retry_policy_overrides_the_server(service: TestClient, make_receiver: Callable[..., Any]) -> None:
     receiver = await make_receiver(lambda arrival, n: web.Response(status=500))
     accepted = await submit(service, webhook_url=receiver.url(),
-                            retry_policy={"max_retries": 1, "backoff_base": 0.01, "backoff_factor": 1})
+                            retry_policy={"max_retries": 1, "backoff_base": 0.1, "backoff_factor": 1})
     status = await wait_for_status(service, accepted["job_id"], "failed")
     assert len(status["attempts"]) == 2
+
+
+async def test_a_jobs_own_backoff_has_a_floor_the_operators_has_not(service: TestClient) -> None:
+    response = await service.post("/predict", json={"text": "hi", "retry_policy": {"backoff_base": 0.099}})
+    assert response.status == 400 and "0.1..3600" in (await response.json())["error"]
+    assert Config(retry=RetryPolicy(backoff_base=0.001)).retry.backoff_base == 0.001
 
 
 @pytest.mark.parametrize("code", [301, 302, 307, 308])
@@ -920,7 +931,7 @@ async def test_slow_receivers_take_turns_in_their_share(config: Config, tmp_path
         engine._note_speed(webhookd.webhook_target(url).receiver, webhookd.Outcome(None, "timeout"), 10)
     for n in range(4):
         for url in urls:
-            engine.send(webhookd.Delivery(f"job-{url[-9:-5]}-{n}", url, b"{}", 0, 0, RetryPolicy()))
+            engine.send(webhookd.Delivery(f"job-{url[-9:-5]}-{n}", url, b"{}", 0, 0, RetryPolicy(), 0.0))
     while engine.in_flight:
         await asyncio.sleep(0.01)
     assert len(started) == 12
@@ -1884,6 +1895,249 @@ async def test_healthz_and_metrics(service: TestClient, make_receiver: Callable[
     assert "webhookd_attempt_duration_seconds_count 2" in text
     for line in text.splitlines():
         assert line.startswith("#") or len(line.split(" ")) == 2, line
+
+
+async def test_metrics_parse_and_answer_are_webhooks_arriving(
+    service: TestClient, make_receiver: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhookd.Metrics, "MAX_RECEIVER_LABELS", 1)
+    flaky, dead = await make_receiver(answer_status(500)), await make_receiver(lambda a, n: web.Response(status=410))
+    delivered = (await submit(service, webhook_url=flaky.url()))["job_id"]
+    failed = (await submit(service, webhook_url=dead.url().replace("127.0.0.1", "localhost")))["job_id"]
+    await wait_for_status(service, delivered, "delivered")
+    await wait_for_status(service, failed, "failed")
+    families = {f.name: f for f in text_string_to_metric_families(await (await service.get("/metrics")).text())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert families["webhookd_deliveries_finished"].type == "counter"
+    assert samples["webhookd_deliveries_finished_total", (("outcome", "delivered"),)] == 1
+    assert samples["webhookd_deliveries_finished_total", (("outcome", "failed"),)] == 1
+    assert samples["webhookd_delivery_latency_seconds_count", ()] == 1
+    assert samples["webhookd_build_info", (("python", platform.python_version()), ("version", webhookd.__version__))] == 1
+    receivers = {labels: n for (name, labels), n in samples.items() if name == "webhookd_receiver_attempts_total"}
+    assert receivers == {(("receiver", "127.0.0.1"), ("result", "failed")): 1,  # the first receiver has a label
+                         (("receiver", "127.0.0.1"), ("result", "ok")): 1,
+                         (("receiver", "other"), ("result", "failed")): 1}  # past the bound: "other"
+
+
+async def test_queue_depth_counts_jobs_in_a_workers_batch(make_service: Callable[..., Any]) -> None:
+    service = await make_service(model="test_webhookd:sleepy_model", workers=1)
+    for n in range(3):
+        await submit(service, f"text {n}")
+    depths = [webhookd.InferenceWorkers.depth.fget(service.app[webhookd.WORKERS])]
+    assert depths == [3]
+    metrics = await (await service.get("/metrics")).text()
+    assert "webhookd_queue_depth 3" in metrics  # taken by the worker, still waiting on the model
+
+
+def test_linear_vader_scores_every_text_exactly_as_stock_vader() -> None:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    stock, linear = SentimentIntensityAnalyzer(), webhookd._linear_vader()
+    draw = random.Random(7)
+    words = [*list(stock.lexicon)[:300], "but", "BUT", "not", "no", "never", "very", "kind", "of", "least", "at",
+             "so", "this", "without", "doubt", "😀", "😡", "!", "?", "GOOD", "great", "😀😀"]
+    for _ in range(2000):
+        text = " ".join(draw.choice(words) for _ in range(draw.randint(1, 50)))
+        assert linear.polarity_scores(text) == stock.polarity_scores(text), text
+
+
+def test_vader_checks_read_a_window_not_the_whole_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    linear = webhookd._linear_vader()
+    seen: list[int] = []
+    negation_check = type(linear)._negation_check
+
+    def counting(valence: float, words: list[str], start_i: int, i: int) -> float:
+        seen.append(len(words))
+        return negation_check(valence, words, start_i, i)
+
+    monkeypatch.setattr(type(linear), "_negation_check", staticmethod(counting))
+    linear.polarity_scores("the food was really good and " * 400)
+    assert seen and sum(n > 6 for n in seen) <= 15  # only near the two ends: 3 + 2 words, 3 checks each
+
+
+async def test_emoji_and_long_texts_never_run_on_the_event_loop(
+    service: TestClient, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran_on_loop: dict[str, bool] = {}
+    predict_all = webhookd.predict_all
+
+    def recording(model: Any, texts: list[str]) -> list[Any]:
+        for text in texts:
+            ran_on_loop[text] = threading.current_thread() is threading.main_thread()
+        return predict_all(model, texts)
+
+    monkeypatch.setattr(webhookd, "predict_all", recording)
+    for text in ("a short plain review", "😀" * 400, "x" * 600):
+        await wait_for_status(service, (await submit(service, text, webhook_url=receiver.url()))["job_id"],
+                              "delivered")
+    assert ran_on_loop == {"a short plain review": True, "😀" * 400: False, "x" * 600: False}
+
+
+barrier = threading.Barrier(3, timeout=DEADLINE)
+
+
+def meets_two_others(text: str) -> dict[str, Any]:
+    barrier.wait()  # broken, and so the job failed, unless three texts run at once
+    return {"sentiment": "neutral", "confidence": 0.5}
+
+
+async def test_workers_n_runs_n_texts_of_a_slow_model_at_once(make_service: Callable[..., Any]) -> None:
+    service = await make_service(model="test_webhookd:meets_two_others", workers=3)
+    outcomes = await service.app[webhookd.WORKERS]._predict(["one", "two", "three"])
+    assert outcomes == [{"sentiment": "neutral", "confidence": 0.5}] * 3
+
+
+def run_and_stop(tmp_path: Path, *args: str, submit_text: str = "", **env: str) -> tuple[str, str]:
+    """Start webhookd, submit a job (its webhook to a closed port), stop it; its stdout and stderr."""
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "webhookd.py"), "--port", "0", "--db", str(tmp_path / "run.db"),
+         "--allow-private-urls", "--max-retries", "0", *args],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")}, **env},
+    )
+    out = ""
+    while "Running on" not in out:
+        line = process.stdout.readline()
+        assert line, process.stderr.read()
+        out += line
+    url = out.split("Running on ")[1].split()[0]
+    key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    body = json.dumps({"text": submit_text or "a private note", "webhook_url": f"http://127.0.0.1:{_closed_port()}/h?token=abc123"})
+    request = urllib.request.Request(url + "/predict", data=body.encode(),
+                                     headers={"Content-Type": "application/json", **auth})
+    job_id = json.load(urllib.request.urlopen(request, timeout=DEADLINE))["job_id"]
+    for _ in range(int(DEADLINE / 0.05)):
+        status_request = urllib.request.Request(f"{url}/webhooks/{job_id}/status", headers=auth)
+        status = json.load(urllib.request.urlopen(status_request, timeout=DEADLINE))
+        if status["delivery_status"] == "failed":
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    more_out, err = process.communicate(timeout=DEADLINE)
+    return out + more_out, err
+
+
+def test_a_debug_run_logs_no_secret_no_text_and_no_url_query(tmp_path: Path) -> None:
+    out, err = run_and_stop(tmp_path, "--log-level", "debug", "--api-key", "key-xyz", "--secret", SECRET,
+                            submit_text="my diary entry")
+    assert "delivered" in err or "dead-letter" in err  # the attempt was logged
+    for never in (SECRET, "key-xyz", "my diary entry", "token=abc123"):
+        assert never not in out + err, never
+    assert "/h?..." in err
+
+
+def test_a_generated_secret_is_printed_once_and_logged_never(tmp_path: Path) -> None:
+    out, err = run_and_stop(tmp_path, "--log-level", "debug")
+    [secret] = [word for word in out.split() if word.startswith("whsec_")]
+    assert (out + err).count(secret) == 1
+
+
+def test_json_log_lines_parse_and_carry_the_attempt(tmp_path: Path) -> None:
+    _, err = run_and_stop(tmp_path, "--log-format", "json", "--secret", SECRET)
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert all(line["time"].endswith("Z") and line["level"] and line["message"] for line in lines)
+    [attempt] = [line for line in lines if "attempt" in line]
+    assert attempt["level"] == "ERROR"  # the delivery ended in the dead letter: the line to alert on
+    assert attempt["url"].endswith("/h?...") and attempt["redelivery"] is False and attempt["job_id"]
+
+
+def test_text_log_lines_say_their_time_zone(tmp_path: Path) -> None:
+    _, err = run_and_stop(tmp_path, "--secret", SECRET)
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR) ", line)
+               for line in err.splitlines() if line), err
+
+
+@both_stores
+async def test_a_redelivery_is_marked_in_the_log(
+    make_service: Callable[..., Any], receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhookd")
+    service = await make_service()
+    job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(service, job_id, "delivered")
+    assert (await service.post(f"/webhooks/{job_id}/redeliver")).status == 202
+    await receiver.wait_for(2)
+    await wait_until(lambda: asyncio.sleep(0, "redelivery attempt" in caplog.text), "the redelivery's line")
+    assert f"redelivery of {job_id} asked for (manual)" in caplog.text
+
+
+async def test_the_db_and_its_wal_are_readable_by_the_owner_only(service: TestClient, config: Config) -> None:
+    await submit(service)
+    for suffix in ("", "-wal", "-shm"):
+        assert os.stat(config.db + suffix).st_mode & 0o777 == 0o600, suffix
+
+
+def test_secrets_can_come_from_files_not_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "secret").write_text("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw whsec_b2xk\n")
+    (tmp_path / "key").write_text("key-from-file\n")
+    config = webhookd.config_from_args(webhookd.parse_args(
+        ["--secret-file", str(tmp_path / "secret"), "--api-key-file", str(tmp_path / "key")]))
+    assert config.secrets == (SECRET, "whsec_b2xk") and config.api_key == "key-from-file"
+    with pytest.raises(ValueError, match="--secret or --secret-file, not both"):
+        webhookd.config_from_args(webhookd.parse_args(["--secret", "x", "--secret-file", str(tmp_path / "secret")]))
+    monkeypatch.setenv("WEBHOOKD_API_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="--api-key-file .*missing"):
+        webhookd.config_from_args(webhookd.parse_args([]))
+
+
+def test_a_boolean_variable_that_is_not_a_boolean_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEBHOOKD_ALLOW_PRIVATE_URLS", "maybe")
+    with pytest.raises(ValueError, match="WEBHOOKD_ALLOW_PRIVATE_URLS must be true or false"):
+        webhookd.config_from_args(webhookd.parse_args([]))
+    monkeypatch.setenv("WEBHOOKD_ALLOW_PRIVATE_URLS", "off")
+    assert not webhookd.config_from_args(webhookd.parse_args([])).allow_private_urls
+
+
+def test_listening_beyond_loopback_without_an_api_key_warns(tmp_path: Path) -> None:
+    _, err = run_and_stop(tmp_path, "--host", "0.0.0.0", "--secret", SECRET)
+    assert "without --api-key" in err
+    _, err = run_and_stop(tmp_path, "--secret", SECRET)
+    assert "without --api-key" not in err
+
+
+def test_an_old_python_is_refused_in_one_line() -> None:
+    with pytest.raises(SystemExit, match="needs Python 3.10 or newer; this is Python 3.9"):
+        webhookd.require_python((3, 9))
+    webhookd.require_python((3, 10))
+
+
+def test_version_is_printed() -> None:
+    done = subprocess.run([sys.executable, str(HERE / "webhookd.py"), "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"webhookd {webhookd.__version__}"
+
+
+async def test_a_plain_secret_verifies_with_a_standard_webhooks_library_given_its_bytes(
+    make_service: Callable[..., Any], receiver: Receiver
+) -> None:
+    service = await make_service(secrets=("plain-old-secret",))
+    await submit(service, webhook_url=receiver.url())
+    [arrival] = await receiver.wait_for(1)
+    with pytest.raises(Exception):  # the libraries read a string as whsec_<base64>: refused, or a wrong key
+        Webhook("plain-old-secret").verify(arrival.body, arrival.headers)
+    Webhook(b"plain-old-secret").verify(arrival.body, arrival.headers)  # as the README says
+
+
+async def test_an_idempotent_replay_takes_2_and_2_0_as_one_number(service: TestClient) -> None:
+    headers = {"Idempotency-Key": "numbers"}
+    first = await service.post("/predict", headers=headers, json={"text": "a", "retry_policy": {"backoff_factor": 2}})
+    again = await service.post("/predict", headers=headers, json={"text": "a", "retry_policy": {"backoff_factor": 2.0}})
+    assert again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert (await again.json()) == (await first.json())
+
+
+async def test_the_start_up_line_counts_what_it_resumes(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhookd")
+    receiver = await make_receiver(lambda arrival, n: web.Response(status=500))
+    first = await make_service(retry=replace(FAST, backoff_base=0.3, max_retries=5))
+    job_id = (await submit(first, webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(first, job_id, "retrying")
+    await first.close()
+    caplog.clear()
+    await make_service(retry=replace(FAST, max_retries=5))
+    assert "resuming 0 jobs and 1 deliveries" in caplog.text  # due at once, and counted all the same
 
 
 def test_config_reads_flags_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -65,6 +65,15 @@ from yarl import URL
 
 __version__ = "1.1.0"
 
+
+def require_python(version: tuple[int, int] = (sys.version_info.major, sys.version_info.minor)) -> None:
+    """Stop at once, with one line, on a Python older than webhookd needs."""
+    if version < (3, 10):
+        sys.exit(f"webhookd needs Python 3.10 or newer; this is Python {version[0]}.{version[1]}")
+
+
+require_python()
+
 log = logging.getLogger("webhookd")
 
 
@@ -80,6 +89,7 @@ IDEMPOTENCY_KEY_LIFETIME = 24 * 3600.0
 JOB_FIELDS = ("text", "webhook_url", "retry_policy")
 USER_AGENT = f"webhookd/{__version__}"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class Bound(NamedTuple):
@@ -106,7 +116,8 @@ class Bound(NamedTuple):
 
 RETRY_POLICY_BOUNDS = {  # what a job's own retry_policy may ask for
     "max_retries": Bound(True, 0, 20),
-    "backoff_base": Bound(False, 0, 3600, low_included=False),
+    # A floor, so that one client cannot aim a retry storm at a receiver.
+    "backoff_base": Bound(False, 0.1, 3600),
     "backoff_factor": Bound(False, 1, 10),
 }
 
@@ -142,6 +153,7 @@ class Config:
     api_key: str | None = field(default=None, repr=False)
     model: str = "vader"
     log_level: str = "info"
+    log_format: str = "text"
     failover_after: float = 10.0
 
     def __post_init__(self) -> None:
@@ -152,13 +164,14 @@ class Config:
                 (not 0 < self.timeout <= 3600, "--timeout must be between 0 and 3600 seconds"),
                 (self.max_in_flight < 1, "--max-in-flight must be at least 1"),
                 (not 0 <= self.retry.max_retries <= 100, "--max-retries must be 0 to 100"),
-                (not RETRY_POLICY_BOUNDS["backoff_base"].admits(self.retry.backoff_base),
-                 f"--backoff-base must be {RETRY_POLICY_BOUNDS['backoff_base']}"),
+                (not Bound(False, 0, 3600, low_included=False).admits(self.retry.backoff_base),
+                 "--backoff-base must be a number over 0, at most 3600"),
                 (not RETRY_POLICY_BOUNDS["backoff_factor"].admits(self.retry.backoff_factor),
                  f"--backoff-factor must be {RETRY_POLICY_BOUNDS['backoff_factor']}"),
                 (not 0 < self.retry.backoff_max < math.inf, "--backoff-max must be a positive number of seconds"),
                 (not 0 <= self.retry.backoff_jitter <= 1, "--backoff-jitter must be in [0, 1]"),
                 (self.log_level not in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}"),
+                (self.log_format not in LOG_FORMATS, f"--log-format must be one of {', '.join(LOG_FORMATS)}"),
                 (not 0 <= self.port <= 65535, "--port must be 0 to 65535"),
                 (not 1 <= self.failover_after <= 3600, "--failover-after must be 1 to 3600 seconds"),
             )
@@ -171,6 +184,73 @@ class Config:
                 problems.append(f"--secret: {exc}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------
+
+
+class LogFormatter(logging.Formatter):
+    """One record a line, as text or as a JSON object, in UTC with a Z, and never a secret.
+
+    Both forms carry the time, the level and the message; a JSON line also carries the
+    record's structured fields (an attempt's job id, number, outcome, ...). The signing secrets,
+    the API key and a database password are replaced by *** in every line, whatever wrote it.
+    """
+
+    def __init__(self, json_lines: bool, hidden: Iterable[str]) -> None:
+        super().__init__()
+        self._json_lines = json_lines
+        self._hidden: list[str] = []
+        for secret in hidden:
+            self.hide(secret)
+
+    def hide(self, secret: str) -> None:
+        """Keep `secret` out of every line from now on."""
+        if secret:
+            # As it is, and as JSON escapes it inside a string.
+            self._hidden.extend({secret, json.dumps(secret, ensure_ascii=False)[1:-1]})
+            self._hidden.sort(key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {"time": iso_time(record.created), "level": record.levelname, "message": record.getMessage()}
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        if self._json_lines:
+            line = json.dumps({**fields, **getattr(record, "fields", {})}, ensure_ascii=False, default=str)
+        else:
+            line = " ".join(map(str, list(fields.values())[:3]))
+            if record.exc_info:
+                line += "\n" + fields["exception"]
+        for secret in self._hidden:
+            line = line.replace(secret, "***")
+        return line
+
+
+def configure_logging(config: Config) -> None:
+    """Log to stderr at --log-level in --log-format, with the secrets hidden."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter(config.log_format == "json",
+                                      [*config.secrets, config.api_key or "", URL(config.db).password or ""]))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
+    # At DEBUG, aiosqlite logs every statement with its parameters: texts, and the stored secret.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+def hide_in_logs(secret: str) -> None:
+    """Keep a secret learnt after start-up (the one stored in the db) out of every log line."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, LogFormatter):
+            handler.formatter.hide(secret)
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    """ISO-8601 UTC with a Z, as the contract writes times."""
+    if timestamp is None:
+        return None
+    moment = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ---------------------------------------------------------------------------
@@ -309,6 +389,7 @@ class Job:
     text: str
     webhook_url: str | None
     retry_policy: dict[str, Any] | None
+    created_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +402,7 @@ class Delivery:
     attempts: int
     round_start: int
     policy: RetryPolicy
+    created_at: float  # when the job was submitted
 
 
 class Takeover(NamedTuple):
@@ -376,7 +458,7 @@ class Store:
             " request_hash, owner) VALUES (?, ?, ?, ?, 'processing', ?, ?, ?, ?)"
             " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
             (job.id, job.text, job.webhook_url, job.retry_policy and json.dumps(job.retry_policy),
-             time.time(), key, request_hash, self.instance),
+             job.created_at, key, request_hash, self.instance),
         ))
 
     async def job_with_key(self, key: str) -> Row | None:
@@ -443,10 +525,10 @@ class Store:
         )
 
     async def due_deliveries(self, job_ids: list[str]) -> list[Row]:
-        """(job_id, url, payload, attempts, round_start, retry_policy) of those still under way and ours."""
+        """(job_id, url, payload, attempts, round_start, retry_policy, created_at) of those under way and ours."""
         marks = ",".join("?" * len(job_ids))
         return await self._fetch(
-            "SELECT d.job_id, d.url, d.payload, d.attempts, d.round_start, j.retry_policy"
+            "SELECT d.job_id, d.url, d.payload, d.attempts, d.round_start, j.retry_policy, j.created_at"
             " FROM deliveries d JOIN jobs j ON j.id = d.job_id"
             f" WHERE d.job_id IN ({marks}) AND d.status IN ('pending', 'retrying') AND d.owner = ?",
             (*job_ids, self.instance),
@@ -599,17 +681,9 @@ def _refuse_newer_schema(found: Any) -> None:
 def _takeover(jobs: list[Row], deliveries: list[Row]) -> Takeover:
     ordered = sorted(jobs, key=lambda row: row[4])
     return Takeover(
-        [Job(row[0], row[1], row[2], _json_or_none(row[3])) for row in ordered],
+        [Job(row[0], row[1], row[2], _json_or_none(row[3]), row[4]) for row in ordered],
         [(when, job_id) for when, job_id in deliveries],
     )
-
-
-def iso_time(timestamp: float | None) -> str | None:
-    """ISO-8601 UTC with a Z, as the contract writes times."""
-    if timestamp is None:
-        return None
-    moment = dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _json_or_none(text: str | None) -> Any:
@@ -732,6 +806,9 @@ class SQLiteStore(Store):
 
 def _lock_file(path: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    # The file holds the generated secret; SQLite gives its -wal and -shm files the same mode.
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0o600)
     try:
         import fcntl
     except ImportError:  # Windows: no flock, and no guard against a second instance
@@ -1001,9 +1078,7 @@ def vader_model() -> Model:
     Confidence is how strongly VADER scores the text for the label it got: the size of the
     compound score for positive or negative, and the neutral share of the text for neutral.
     """
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    analyzer = SentimentIntensityAnalyzer()
+    analyzer = _linear_vader()
 
     def predict(text: str) -> dict[str, Any]:
         scores = analyzer.polarity_scores(text)
@@ -1017,9 +1092,60 @@ def vader_model() -> Model:
     return predict
 
 
-# VADER takes about 0.15 ms for a 100-character review but 1.4 ms for 500 characters and 210 ms
-# for 10,000 (it grows faster than the text); handing work to a thread costs more than the first.
-# So batches of up to this many characters in all run on the event loop, larger ones in a thread.
+def _linear_vader() -> Any:
+    """VADER's SentimentIntensityAnalyzer, its scores unchanged, in time linear in the text.
+
+    Stock VADER is quadratic in the number of words: for every sentiment word, its negation and
+    idiom checks lower-case a copy of the whole text to read the three words before it and two
+    after, and its "but" rule looks each score up with list.index. Emoji, each of which VADER
+    turns into several words, make that huge: 4,000 emoji took 4.6 s, one 10,000-emoji text
+    about a minute. Here the checks get those six words, and the "but" rule finds the same
+    first-equal score with a heap per value, so every text gets exactly the scores stock VADER
+    gives it (a test compares them on thousands of texts).
+    """
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    class LinearVader(SentimentIntensityAnalyzer):  # type: ignore[misc]
+        def sentiment_valence(self, valence: float, sentitext: Any, item: str, i: int, sentiments: list[float]) -> Any:
+            words = sentitext.words_and_emoticons
+            if 3 <= i <= len(words) - 3:  # else the checks read past an end, and wrap round as stock does
+                sentitext = _Words(words[i - 3:i + 3], sentitext.is_cap_diff)
+                i = 3
+            return super().sentiment_valence(valence, sentitext, item, i, sentiments)
+
+        @staticmethod
+        def _but_check(words_and_emoticons: list[str], sentiments: list[float]) -> list[float]:
+            lowered = [str(word).lower() for word in words_and_emoticons]
+            if "but" not in lowered:
+                return sentiments
+            but = lowered.index("but")
+            # As stock VADER: for each position in turn, the first score equal to the one found
+            # there is halved before "but" and raised by half after it.
+            where: dict[float, list[int]] = {}
+            for index, score in enumerate(sentiments):
+                where.setdefault(score, []).append(index)
+            for position in range(len(sentiments)):
+                score = sentiments[position]
+                first = where[score]
+                while sentiments[first[0]] != score:  # a score changed since: not there any more
+                    heapq.heappop(first)
+                index = first[0]
+                if index != but:
+                    sentiments[index] = changed = score * (0.5 if index < but else 1.5)
+                    heapq.heappush(where.setdefault(changed, []), index)
+            return sentiments
+
+    return LinearVader()
+
+
+class _Words(NamedTuple):
+    words_and_emoticons: list[str]
+    is_cap_diff: bool
+
+
+# VADER takes about 0.3 ms for 500 characters of ASCII text, less than handing it to a thread,
+# so batches of up to this many ASCII characters run on the event loop; the rest (other
+# scripts, emoji: several words a character) in a thread, so no text holds the loop.
 VADER_INLINE_CHARS = 500
 
 
@@ -1078,18 +1204,21 @@ OUTCOMES = ("success", "http_error", "timeout", "connection_error", "blocked")
 
 
 class Metrics:
-    """Counters for /metrics, kept in memory and seeded from the db at start-up."""
+    """What /metrics shows: gauges seeded from the db at start-up, counters since start-up."""
 
-    DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    MAX_RECEIVER_LABELS = 100  # receivers beyond these are counted together as "other"
 
     def __init__(self, jobs_by_status: dict[str, int], dead_letter: int) -> None:
         self.jobs: Counter[str] = Counter({"processing": 0, "completed": 0, "failed": 0})
         self.jobs.update(jobs_by_status)
         self.dead_letter = dead_letter
         self.attempts: Counter[str] = Counter()
-        self._bucket_counts = [0] * len(self.DURATION_BUCKETS)
-        self._duration_sum = 0.0
-        self._duration_count = 0
+        self.finished: Counter[str] = Counter({"delivered": 0, "failed": 0})
+        self.by_receiver: Counter[tuple[str, bool]] = Counter()  # (receiver host, failed)
+        self.attempt_seconds = Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+        self.delivery_seconds = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                                           300.0, 1800.0, 3600.0, 21600.0, 86400.0))
+        self._receivers: set[str] = set()
 
     def job_accepted(self) -> None:
         """Count a job committed as processing."""
@@ -1100,29 +1229,46 @@ class Metrics:
         self.jobs["processing"] -= 1
         self.jobs["failed" if failed else "completed"] += 1
 
-    def attempt_made(self, outcome: str, seconds: float, dead: bool) -> None:
-        """Count an attempt by outcome (one of OUTCOMES) and duration; dead: it ended the delivery."""
+    def attempt_made(self, outcome: str, seconds: float, receiver: str) -> None:
+        """Count an attempt by outcome (one of OUTCOMES), duration and receiver host."""
         self.attempts[outcome] += 1
-        self.dead_letter += dead
-        self._duration_sum += seconds
-        self._duration_count += 1
-        for i, bound in enumerate(self.DURATION_BUCKETS):
-            if seconds <= bound:
-                self._bucket_counts[i] += 1
+        self.attempt_seconds.observe(seconds)
+        if receiver not in self._receivers and len(self._receivers) < self.MAX_RECEIVER_LABELS:
+            self._receivers.add(receiver)
+        self.by_receiver[receiver if receiver in self._receivers else "other", outcome != "success"] += 1
+
+    def delivery_finished(self, delivered: bool, since_submission: float) -> None:
+        """Count a round that ended, delivered or in the dead letter."""
+        self.finished["delivered" if delivered else "failed"] += 1
+        self.dead_letter += not delivered
+        if delivered:
+            self.delivery_seconds.observe(since_submission)
 
     def render(self, queue_depth: int, scheduled: int, in_flight: int) -> str:
         """The Prometheus text exposition format, version 0.0.4."""
+        python = ".".join(map(str, sys.version_info[:3]))
         lines = [
-            "# HELP webhookd_jobs Jobs in the db by status.",
+            "# HELP webhookd_build_info The running webhookd.",
+            "# TYPE webhookd_build_info gauge",
+            f'webhookd_build_info{{version="{__version__}",python="{python}"}} 1',
+            "# HELP webhookd_jobs Jobs by status (seeded from the db at start-up).",
             "# TYPE webhookd_jobs gauge",
             *(f'webhookd_jobs{{status="{s}"}} {n}' for s, n in sorted(self.jobs.items())),
             "# HELP webhookd_delivery_attempts_total Delivery attempts since start-up by outcome.",
             "# TYPE webhookd_delivery_attempts_total counter",
             *(f'webhookd_delivery_attempts_total{{outcome="{o}"}} {self.attempts[o]}' for o in OUTCOMES),
+            "# HELP webhookd_receiver_attempts_total Delivery attempts since start-up by receiver host"
+            f" (the first {self.MAX_RECEIVER_LABELS} seen; the rest as other) and result.",
+            "# TYPE webhookd_receiver_attempts_total counter",
+            *(f'webhookd_receiver_attempts_total{{receiver="{_label(host)}",result="{"failed" if failed else "ok"}"}} {n}'
+              for (host, failed), n in sorted(self.by_receiver.items())),
+            "# HELP webhookd_deliveries_finished_total Rounds of attempts since start-up that ended, by outcome.",
+            "# TYPE webhookd_deliveries_finished_total counter",
+            *(f'webhookd_deliveries_finished_total{{outcome="{o}"}} {n}' for o, n in sorted(self.finished.items())),
             "# HELP webhookd_dead_letter_deliveries Deliveries that failed for good.",
             "# TYPE webhookd_dead_letter_deliveries gauge",
             f"webhookd_dead_letter_deliveries {self.dead_letter}",
-            "# HELP webhookd_queue_depth Jobs waiting for an inference worker.",
+            "# HELP webhookd_queue_depth Jobs accepted and not yet through inference (queued, or in a worker's batch).",
             "# TYPE webhookd_queue_depth gauge",
             f"webhookd_queue_depth {queue_depth}",
             "# HELP webhookd_deliveries_scheduled Deliveries waiting for a retry.",
@@ -1131,15 +1277,44 @@ class Metrics:
             "# HELP webhookd_attempts_in_flight Delivery attempts under way.",
             "# TYPE webhookd_attempts_in_flight gauge",
             f"webhookd_attempts_in_flight {in_flight}",
-            "# HELP webhookd_attempt_duration_seconds How long delivery attempts took.",
-            "# TYPE webhookd_attempt_duration_seconds histogram",
-            *(f'webhookd_attempt_duration_seconds_bucket{{le="{b}"}} {n}'
-              for b, n in zip(self.DURATION_BUCKETS, self._bucket_counts)),
-            f'webhookd_attempt_duration_seconds_bucket{{le="+Inf"}} {self._duration_count}',
-            f"webhookd_attempt_duration_seconds_sum {self._duration_sum:.6f}",
-            f"webhookd_attempt_duration_seconds_count {self._duration_count}",
+            *self.attempt_seconds.lines("webhookd_attempt_duration_seconds", "How long delivery attempts took."),
+            *self.delivery_seconds.lines("webhookd_delivery_latency_seconds",
+                                         "Submission to the 2xx that delivered the webhook."),
         ]
         return "\n".join(lines) + "\n"
+
+
+class Histogram:
+    """A Prometheus histogram of seconds."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self._buckets = buckets
+        self._counts = [0] * len(buckets)
+        self._sum = 0.0
+        self._count = 0
+
+    def observe(self, seconds: float) -> None:
+        """Count one observation."""
+        self._sum += seconds
+        self._count += 1
+        for i, bound in enumerate(self._buckets):
+            if seconds <= bound:
+                self._counts[i] += 1
+
+    def lines(self, name: str, help: str) -> list[str]:
+        """The histogram in the text exposition format."""
+        return [
+            f"# HELP {name} {help}",
+            f"# TYPE {name} histogram",
+            *(f'{name}_bucket{{le="{b}"}} {n}' for b, n in zip(self._buckets, self._counts)),
+            f'{name}_bucket{{le="+Inf"}} {self._count}',
+            f"{name}_sum {self._sum:.6f}",
+            f"{name}_count {self._count}",
+        ]
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 # ---------------------------------------------------------------------------
@@ -1228,6 +1403,13 @@ def webhook_target(url: str) -> WebhookTarget:
     if _literal_address(host) is None:
         _check_host_name(host)
     return WebhookTarget(parsed, host, f"{parsed.scheme}://{host}:{parsed.port}")
+
+
+def _receiver_host(url: str) -> str:
+    try:
+        return webhook_target(url).host
+    except ValueError:
+        return "invalid"
 
 
 def _check_host_name(host: str) -> None:
@@ -1495,7 +1677,7 @@ class DeliveryEngine:
         self._active.difference_update(set(job_ids) - found)
         return [
             Delivery(row[0], row[1], row[2], row[3], row[4],
-                     self._config.retry.overridden(_json_or_none(row[5])))
+                     self._config.retry.overridden(_json_or_none(row[5])), row[6])
             for row in rows
         ]
 
@@ -1563,7 +1745,9 @@ class DeliveryEngine:
         self._note_speed(receiver, outcome, seconds)
         status, next_attempt_at = self._next_step(delivery, number, outcome, time.time())
         await self._record_attempt(delivery, number, started, seconds, outcome, status, next_attempt_at)
-        self._metrics.attempt_made(outcome.label, seconds, dead=status == "failed")
+        self._metrics.attempt_made(outcome.label, seconds, _receiver_host(delivery.url))
+        if next_attempt_at is None:
+            self._metrics.delivery_finished(outcome.success, time.time() - delivery.created_at)
         _log_attempt(delivery, number, outcome, seconds, next_attempt_at)
         if owner != self._store.instance:
             return  # taken over while in flight: its new owner goes on with it
@@ -1664,13 +1848,30 @@ def _outcome_of(response: aiohttp.ClientResponse, now: float) -> Outcome:
 
 
 def _log_attempt(delivery: Delivery, number: int, outcome: Outcome, seconds: float, next_at: float | None) -> None:
+    # An ERROR only when a delivery ends in the dead letter: the line to alert on.
     if outcome.success:
-        log.info("attempt %s #%d %s -> %s in %.1f ms; delivered",
-                 delivery.job_id, number, delivery.url, outcome.status_code, seconds * 1000)
-        return
-    then = f"retry in {next_at - time.time():.1f} s" if next_at else "failed, in the dead-letter list"
-    log.warning("attempt %s #%d %s -> %s in %.1f ms; %s",
-                delivery.job_id, number, delivery.url, outcome.error, seconds * 1000, then)
+        level, then = logging.INFO, "delivered"
+    elif next_at is not None:
+        level, then = logging.WARNING, f"retry in {next_at - time.time():.1f} s"
+    else:
+        level, then = logging.ERROR, "failed for good, in the dead-letter list"
+    kind = "redelivery attempt" if delivery.round_start else "attempt"
+    url = loggable_url(delivery.url)
+    answer = outcome.status_code if outcome.success else outcome.error
+    fields = {"job_id": delivery.job_id, "attempt": number, "redelivery": delivery.round_start > 0, "url": url,
+              "status_code": outcome.status_code, "error": outcome.error, "duration_ms": round(seconds * 1000, 1),
+              "next_attempt_at": iso_time(next_at)}
+    log.log(level, "%s %s #%d %s -> %s in %.1f ms; %s", kind, delivery.job_id, number, url, answer,
+            seconds * 1000, then, extra={"fields": fields})
+
+
+def loggable_url(url: str) -> str:
+    """A webhook URL fit for a log line: without its query, where receivers often put a credential."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "<an invalid URL>"
+    return str(parsed.with_query(None).with_fragment(None)) + ("?..." if parsed.raw_query_string else "")
 
 
 # ---------------------------------------------------------------------------
@@ -1701,6 +1902,12 @@ class InferenceWorkers:
         self._inline_chars = VADER_INLINE_CHARS if config.model == "vader" else 0
         self._threads = ThreadPoolExecutor(config.workers, thread_name_prefix="webhookd-model")
         self._names = [f"worker-{n}" for n in range(config.workers)]
+        self._taken = 0  # jobs in a worker's batch, not yet finished
+
+    @property
+    def depth(self) -> int:
+        """Jobs accepted and not yet through inference: queued, or in a worker's batch."""
+        return self.queue.qsize() + self._taken
 
     def start(self) -> None:
         """Start the workers."""
@@ -1722,6 +1929,7 @@ class InferenceWorkers:
             jobs = [await self.queue.get()]
             while len(jobs) < self.MAX_BATCH and not self.queue.empty():
                 jobs.append(self.queue.get_nowait())
+            self._taken += len(jobs)
             try:
                 await self._finish(jobs, await self._predict([job.text for job in jobs]))
             except Exception:
@@ -1730,6 +1938,8 @@ class InferenceWorkers:
                 log.exception("a batch of %d jobs raised; running each alone", len(jobs))
                 for job in jobs:
                     await self._run_alone(job)
+            finally:
+                self._taken -= len(jobs)
 
     async def _run_alone(self, job: Job) -> None:
         try:
@@ -1756,10 +1966,16 @@ class InferenceWorkers:
             self._engine.send(delivery)
 
     async def _predict(self, texts: list[str]) -> list[dict[str, Any] | Exception]:
-        if sum(map(len, texts)) <= self._inline_chars:
+        if sum(map(len, texts)) <= self._inline_chars and all(map(str.isascii, texts)):
             return predict_all(self._model, texts)
+        # In as many parts as there are threads, so that --workers N runs N texts at once.
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, predict_all, self._model, texts)
+        size = -(-len(texts) // self._config.workers)
+        parts = await asyncio.gather(*(
+            loop.run_in_executor(self._threads, predict_all, self._model, texts[start:start + size])
+            for start in range(0, len(texts), size)
+        ))
+        return [outcome for part in parts for outcome in part]
 
     async def _record_results(
         self, jobs: list[Job], outcomes: list[dict[str, Any] | Exception]
@@ -1776,7 +1992,7 @@ class InferenceWorkers:
             finished.append((job, result and json.dumps(result), error, payload))
             if job.webhook_url and payload is not None:
                 policy = self._config.retry.overridden(job.retry_policy)
-                deliveries.append(Delivery(job.id, job.webhook_url, payload, 0, 0, policy))
+                deliveries.append(Delivery(job.id, job.webhook_url, payload, 0, 0, policy, job.created_at))
         await self._store.record_results(finished, now)
         for outcome in outcomes:
             self._metrics.job_finished(failed=isinstance(outcome, Exception))
@@ -1807,11 +2023,12 @@ class Instance:
         self._loops = loops
         self._reachable = True
 
-    async def start(self) -> None:
-        """Heartbeat, take over what was left unfinished, and keep doing both."""
+    async def start(self) -> Takeover:
+        """Heartbeat, take over what was left unfinished, and keep doing both; what was taken."""
         await self._renew()
-        await self._take_over()
+        takeover = await self._take_over()
         self._loops.start("heartbeat", self._keep_alive)
+        return takeover
 
     async def stop(self) -> None:
         """Stop heartbeating (the store hands the work over once the rest has stopped)."""
@@ -1843,15 +2060,16 @@ class Instance:
         self._fence.open_until(sent + self._config.failover_after / 2)
         self._engine.resume()
 
-    async def _take_over(self) -> None:
+    async def _take_over(self) -> Takeover:
         try:
             takeover = await self._store.take_over(self._config.failover_after)
         except StoreUnavailable:
-            return
+            return Takeover([], [])
         for job in takeover.jobs:
             self._workers.queue.put_nowait(job)
         for when, job_id in takeover.deliveries:
             self._engine.schedule(job_id, when)
+        return takeover
 
 
 # ---------------------------------------------------------------------------
@@ -1963,6 +2181,8 @@ async def redeliver(request: web.Request) -> web.Response:
         raise web.HTTPConflict(text=f"job {job_id} already has a round of attempts under way")
     if webhook.status == "failed":
         app[METRICS].dead_letter -= 1
+    log.info("redelivery of %s asked for (manual): a new round starts", job_id,
+             extra={"fields": {"job_id": job_id, "redelivery": "manual"}})
     engine.schedule(job_id, now)
     return web.json_response({"job_id": job_id, "delivery_status": "pending"}, status=202)
 
@@ -1982,7 +2202,7 @@ async def healthz(request: web.Request) -> web.Response:
         "status": "ok",
         "instance": app[STORE].instance,
         "version": __version__,
-        "queue_depth": request.app[WORKERS].queue.qsize(),
+        "queue_depth": request.app[WORKERS].depth,
     })
 
 
@@ -1990,7 +2210,7 @@ async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
     app = request.app
     engine = app[ENGINE]
-    text = app[METRICS].render(app[WORKERS].queue.qsize(), engine.scheduled, engine.in_flight)
+    text = app[METRICS].render(app[WORKERS].depth, engine.scheduled, engine.in_flight)
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 
@@ -2057,6 +2277,7 @@ def job_from_fields(fields: dict[str, Any], allow_private_urls: bool) -> Job:
         text=_text(fields.get("text")),
         webhook_url=_webhook_url(fields.get("webhook_url"), allow_private_urls),
         retry_policy=_retry_policy(fields.get("retry_policy")),
+        created_at=time.time(),
     )
 
 
@@ -2150,9 +2371,18 @@ def _idempotency_key(request: web.Request) -> str | None:
 
 
 def _request_hash(fields: dict[str, Any]) -> str:
-    # Hashing the parsed body means a client that re-serialises the same request still matches.
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # Hashing the parsed body means a client that re-serialises the same request still matches,
+    # and 2 and 2.0 are one number, as they are to the job.
+    canonical = json.dumps(_same_numbers(fields), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _same_numbers(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _same_numbers(item) for key, item in value.items()}
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _accepted(job_id: str, webhook_registered: bool) -> dict[str, Any]:
@@ -2281,7 +2511,7 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         workers.start()
         stack.push_async_callback(workers.stop)
         instance = Instance(config, store, workers, engine, fence, loops)
-        await instance.start()
+        resumed = await instance.start()
         stack.push_async_callback(instance.stop)
         app[STORE], app[ENGINE], app[WORKERS], app[METRICS], app[FENCE] = store, engine, workers, metrics, fence
         loops.start("pruner", functools.partial(_prune_idempotency_keys, store))
@@ -2289,8 +2519,8 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         waits = ", ".join(f"{wait:g}" for wait in retry_schedule(config.retry)[:5]) or "no"
         if config.retry.max_retries > 5:
             waits += ", ..."
-        log.info("webhookd %s, %s on %s: %d jobs to finish, %d deliveries scheduled; retries after %s s",
-                 __version__, store.instance, redacted(config.db), workers.queue.qsize(), engine.scheduled, waits)
+        log.info("webhookd %s, %s on %s: resuming %d jobs and %d deliveries; retries after %s s",
+                 __version__, store.instance, redacted(config.db), len(resumed.jobs), len(resumed.deliveries), waits)
         yield
         log.info("webhookd stopping; what is unfinished stays in %s, for the next start or the other instances",
                  redacted(config.db))
@@ -2310,6 +2540,7 @@ def _client_session(config: Config, resolver: AbstractResolver | None) -> aiohtt
 async def _stored_secret(store: Store, db: str) -> str:
     proposed = generate_secret()
     secret = await store.secret(proposed)
+    hide_in_logs(secret)
     if secret != proposed:
         return secret
     print(
@@ -2414,6 +2645,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             " or a postgresql:// URL shared by several instances")
     _option(serve, "--workers", 4, "inference workers fed by the job queue", int)
     _option(serve, "--secret", None, "signing secret(s), space separated; default: generated once, kept in the db")
+    _option(serve, "--secret-file", None, "read --secret from this file, so it is not on the command line")
     _option(serve, "--max-retries", 3, "retries after the first attempt", int)
     _option(serve, "--backoff-base", 1.0, "seconds before retry 1; retry k waits base * factor^(k-1)", float)
     _option(serve, "--backoff-factor", 2.0, "growth per retry", float)
@@ -2423,10 +2655,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     _option(serve, "--max-in-flight", 256, "delivery attempts running at once, across all receivers", int)
     _flag(serve, "--allow-private-urls", "allow webhook URLs on loopback/private networks (local testing)")
     _option(serve, "--api-key", None, "require Authorization: Bearer <key> on every endpoint but /healthz")
+    _option(serve, "--api-key-file", None, "read --api-key from this file, so it is not on the command line")
     _option(serve, "--model", "vader", "the sentiment model: vader, or module:callable (text -> dict)")
     _option(serve, "--log-level", "info", "debug, info, warning or error")
+    _option(serve, "--log-format", "text", "text, or json: one object per line")
     _option(serve, "--failover-after", 10.0,
             "PostgreSQL: seconds without a heartbeat before an instance's work is taken over", float)
+    serve.add_argument("--version", action="version", version=f"webhookd {__version__}")
 
     receive = commands.add_parser("receive", help="run a verifying receiver for manual tests")
     # The receiver shares the service's secret and db variables, but not where it listens.
@@ -2447,9 +2682,32 @@ def _option(
 
 
 def _flag(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    # The variable's text stays as it is until config_from_args, which refuses a non-boolean.
     env = _env_name(flag)
-    default = os.environ.get(env, "").lower() in ("1", "true", "yes", "on")
-    parser.add_argument(flag, action="store_true", default=default, help=f"{help} (env {env})")
+    parser.add_argument(flag, action="store_true", default=os.environ.get(env, False),
+                        help=f"{help} (env {env}: true or false)")
+
+
+def _boolean(name: str, value: bool | str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false (or 1/0, yes/no, on/off), not {value!r}")
+
+
+def _from_file(flag: str, value: str | None, path: str | None) -> str | None:
+    if path is None:
+        return value
+    if value is not None:
+        raise ValueError(f"give {flag} or {flag}-file, not both")
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{flag}-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _env_name(flag: str) -> str:
@@ -2463,15 +2721,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
         port=args.port,
         db=args.db,
         workers=args.workers,
-        secrets=tuple((args.secret or "").split()),
+        secrets=tuple((_from_file("--secret", args.secret, args.secret_file) or "").split()),
         retry=RetryPolicy(args.max_retries, args.backoff_base, args.backoff_factor,
                           args.backoff_max, args.backoff_jitter),
         timeout=args.timeout,
         max_in_flight=args.max_in_flight,
-        allow_private_urls=args.allow_private_urls,
-        api_key=args.api_key or None,
+        allow_private_urls=_boolean("WEBHOOKD_ALLOW_PRIVATE_URLS", args.allow_private_urls),
+        api_key=_from_file("--api-key", args.api_key, args.api_key_file) or None,
         model=args.model,
         log_level=args.log_level,
+        log_format=args.log_format,
         failover_after=args.failover_after,
     )
 
@@ -2487,7 +2746,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"webhookd: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(config)
+    if config.api_key is None and not _is_loopback(config.host):
+        log.warning("listening on %s without --api-key: anyone who can reach it can submit jobs and so make"
+                    " it send requests; set --api-key-file (or WEBHOOKD_API_KEY)", config.host)
     # Everything loaded so far (modules, the model's lexicon) lives as long as the process:
     # frozen, the collector stops scanning it again and again, and a higher first threshold
     # makes collections rarer in a server that makes a few short-lived objects per request.
@@ -2502,6 +2764,12 @@ def main(argv: list[str] | None = None) -> int:
         access_log=logging.getLogger("aiohttp.access") if config.log_level == "debug" else None,
         shutdown_timeout=config.timeout,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_loopback
+    return host == "localhost"
 
 
 def _run(app: web.Application, host: str, port: int, **options: Any) -> int:
