@@ -827,6 +827,42 @@ async def test_two_redeliveries_at_once_start_one_round(
 
 
 @both_stores
+async def test_bulk_redelivery_touches_exactly_what_failed_in_the_window(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=0))
+    up = asyncio.Event()
+    receiver = await make_receiver(fails_until(up))
+    since = webhookd.iso_time(time.time() - 1)
+    first = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(service, first, "failed")
+    later = webhookd.iso_time(time.time())
+    others = [(await submit(service, webhook_url=receiver.url()))["job_id"] for _ in range(2)]
+    for job_id in others:
+        await wait_for_status(service, job_id, "failed")
+
+    async def bulk(**body: Any) -> tuple[int, dict[str, Any]]:
+        response = await service.post("/webhooks/redeliver", json=body)
+        return response.status, await response.json()
+
+    assert await bulk(since=since, dry_run=True) == (200, {"would_redeliver": 3})
+    assert await bulk(since=later, dry_run=True) == (200, {"would_redeliver": 2})
+    assert await bulk(since=since, until=later, dry_run=True) == (200, {"would_redeliver": 1})
+    assert len((await (await service.get("/webhooks/dead-letter")).json())["deliveries"]) == 3  # unchanged
+    up.set()
+    assert await bulk(since=later) == (202, {"redelivered": 2})
+    for job_id in others:
+        status = await wait_for_status(service, job_id, "delivered")
+        assert [a["attempt"] for a in status["attempts"]] == [1, 2]
+    assert (await delivery_status(service, first))["delivery_status"] == "failed"  # outside the window
+    assert await bulk(since=later) == (202, {"redelivered": 0})
+    for bad, word in (({}, "since"), ({"since": "yesterday"}, "ISO-8601"), ({"since": later, "until": since}, "later"),
+                      ({"since": since, "dry_run": "yes"}, "dry_run"), ({"since": since, "sincе": 1}, "unknown")):
+        status, answer = await bulk(**bad)
+        assert status == 400 and word in answer["error"], (bad, answer)
+
+
+@both_stores
 async def test_dead_letter_is_newest_first_and_limited(service: TestClient) -> None:
     url = f"http://127.0.0.1:{_closed_port()}/hook"
     ids = []
@@ -2138,6 +2174,81 @@ async def test_the_start_up_line_counts_what_it_resumes(
     caplog.clear()
     await make_service(retry=replace(FAST, max_retries=5))
     assert "resuming 0 jobs and 1 deliveries" in caplog.text  # due at once, and counted all the same
+
+
+model_gate = threading.Event()
+
+
+def gated_model(text: str) -> dict[str, Any]:
+    model_gate.wait(DEADLINE)
+    return {"sentiment": "neutral", "confidence": 0.5}
+
+
+async def test_past_the_backlog_predict_is_shed_with_503_and_retry_after(make_service: Callable[..., Any]) -> None:
+    model_gate.clear()
+    service = await make_service(model="test_webhookd:gated_model", workers=1, max_backlog=2)
+    try:
+        accepted = [(await submit(service, f"text {n}"))["job_id"] for n in range(2)]
+        shed = await service.post("/predict", json={"text": "one too many"})
+        assert shed.status == 503 and shed.headers["Retry-After"] == "1"
+        assert "--max-backlog" in (await shed.json())["error"]
+        assert "webhookd_jobs_shed_total 1" in await (await service.get("/metrics")).text()
+    finally:
+        model_gate.set()
+    for job_id in accepted:  # nothing accepted is shed
+        await wait_until(lambda: job_status(service, job_id, "completed"), "an accepted job to complete")
+    await submit(service, "room again")
+
+
+@both_stores
+async def test_retention_deletes_finished_jobs_and_never_one_under_way(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], config: Config
+) -> None:
+    service = await make_service(retry=replace(FAST, backoff_base=600))
+    ok, failing = await make_receiver(), await make_receiver(lambda arrival, n: web.Response(status=500))
+    done = [(await submit(service, webhook_url=ok.url()))["job_id"] for _ in range(3)]
+    plain = (await submit(service))["job_id"]
+    retrying = (await submit(service, webhook_url=failing.url()))["job_id"]
+    for job_id in done:
+        await wait_for_status(service, job_id, "delivered")
+    await wait_for_status(service, retrying, "retrying")
+    await wait_until(lambda: job_status(service, plain, "completed"), "the plain job")
+    store = service.app[webhookd.STORE]
+    assert await store.delete_finished(time.time() - 3600, 10) == 0  # none is an hour old
+    deleted = 0
+    while batch := await store.delete_finished(time.time() + 1, 2):  # batches of two
+        deleted += batch
+    assert deleted == 4
+    remaining = await query(config.db, "SELECT id FROM jobs")
+    assert remaining == [(retrying,)]  # its delivery is under way
+    assert await query(config.db, "SELECT count(*) FROM attempts WHERE job_id <> ?", retrying) == [(0,)]
+    assert (await service.get(f"/jobs/{done[0]}")).status == 404
+
+
+async def test_the_sqlite_file_stops_growing_when_retention_keeps_pace(tmp_path: Path) -> None:
+    store = await webhookd.open_store(str(tmp_path / "steady.db"), webhookd.Loops(), 2.0)
+    await store.take_over(10)
+
+    async def a_day_of_jobs() -> int:
+        jobs = [webhookd.Job(webhookd.new_job_id(), "a review " * 20, "https://example.com/hook", None, 0.0)
+                for _ in range(2000)]
+        for job in jobs:
+            await store.add_job(job)
+        await store.record_results([(job, '{"sentiment": "neutral"}', None, b"{}" * 80) for job in jobs], time.time())
+        for job in jobs:
+            await store.record_attempt(job.id, 1, time.time(), 0.01, 200, None, "delivered", None)
+        await store._change("PRAGMA wal_checkpoint(TRUNCATE)", ())
+        return os.path.getsize(tmp_path / "steady.db")
+
+    try:
+        first = await a_day_of_jobs()
+        await store.delete_finished(time.time() + 1, 5000)
+        second = await a_day_of_jobs()
+        await store.delete_finished(time.time() + 1, 5000)
+        third = await a_day_of_jobs()
+    finally:
+        await store.close()
+    assert first > 0 and second <= first * 1.05 and third <= first * 1.05, (first, second, third)
 
 
 def test_config_reads_flags_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:

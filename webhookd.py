@@ -149,6 +149,8 @@ class Config:
     retry: RetryPolicy = RetryPolicy()
     timeout: float = 10.0
     max_in_flight: int = 256
+    max_backlog: int = 4000
+    retention_days: float = 30.0
     allow_private_urls: bool = False
     api_key: str | None = field(default=None, repr=False)
     model: str = "vader"
@@ -163,6 +165,8 @@ class Config:
                 (self.workers < 1, "--workers must be at least 1"),
                 (not 0 < self.timeout <= 3600, "--timeout must be between 0 and 3600 seconds"),
                 (self.max_in_flight < 1, "--max-in-flight must be at least 1"),
+                (self.max_backlog < 1, "--max-backlog must be at least 1"),
+                (not 0 <= self.retention_days < math.inf, "--retention-days must be 0 (keep all) or more"),
                 (not 0 <= self.retry.max_retries <= 100, "--max-retries must be 0 to 100"),
                 (not Bound(False, 0, 3600, low_included=False).admits(self.retry.backoff_base),
                  "--backoff-base must be a number over 0, at most 3600"),
@@ -392,6 +396,20 @@ class Job:
     created_at: float
 
 
+def new_job_id() -> str:
+    """job-<32 hex>: the time in milliseconds, then 80 random bits, as in a UUIDv7.
+
+    Ids in time order put SQLite's inserts at the end of its indexes instead of all over them,
+    which measured a quarter less CPU per job in the db, and the random part keeps them unguessable.
+    """
+    return "job-%012x%s" % (time.time_ns() // 1_000_000, secrets.token_hex(10))
+
+
+def job_id_at(moment: float) -> str:
+    """Below every id of a job made at `moment` (Unix seconds) or later, above every earlier one."""
+    return "job-%012x" % int(moment * 1000)
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One job's webhook: the bytes to send and how far its attempts have got."""
@@ -491,6 +509,31 @@ class Store:
                 ))
         await self._write(*statements)
 
+    async def delete_finished(self, before: float, limit: int) -> int:
+        """Delete up to `limit` jobs finished before `before` whose delivery is finished too (or
+        that have none), with their deliveries and attempts; how many were deleted."""
+        rows = await self._fetch(
+            "SELECT j.id FROM jobs j LEFT JOIN deliveries d ON d.job_id = j.id"
+            " WHERE j.id < ? AND j.status IN ('completed', 'failed') AND j.completed_at < ?"
+            " AND (d.job_id IS NULL OR d.status IN ('delivered', 'failed'))"
+            " ORDER BY j.id LIMIT ?",
+            # Job ids begin with their creation time, so the oldest are first in the primary key.
+            (job_id_at(before), before, limit),
+        )
+        if not rows:
+            return 0
+        ids = [row[0] for row in rows]
+        marks = ",".join("?" * len(ids))
+        # Each statement checks again, so a redelivery started meanwhile keeps its job.
+        await self._write(
+            (f"DELETE FROM deliveries WHERE job_id IN ({marks}) AND status IN ('delivered', 'failed')", ids),
+            (f"DELETE FROM jobs WHERE id IN ({marks}) AND NOT EXISTS"
+             " (SELECT 1 FROM deliveries d WHERE d.job_id = jobs.id)", ids),
+            (f"DELETE FROM attempts WHERE job_id IN ({marks}) AND NOT EXISTS"
+             " (SELECT 1 FROM jobs j WHERE j.id = attempts.job_id)", ids),
+        )
+        return len(ids)
+
     async def forget_idempotency_keys(self, before: float) -> None:
         """Clear the keys of jobs created before `before`."""
         await self._write((
@@ -557,6 +600,25 @@ class Store:
             (now, self.instance, job_id),
         )
         return bool(rows)
+
+    async def failed_between(self, since: float, until: float, limit: int) -> int:
+        """How many deliveries became failed between `since` and `until` (at most `limit`)."""
+        row = await self._fetch_one(
+            "SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE status = 'failed'"
+            " AND failed_at >= ? AND failed_at <= ? LIMIT ?) AS failed", (since, until, limit))
+        return row[0] if row else 0
+
+    async def start_rounds(self, since: float, until: float, limit: int, now: float) -> list[str]:
+        """Make up to `limit` deliveries that failed between `since` and `until` pending again,
+        owned by this instance, oldest failure first; their job ids."""
+        rows = await self._change(
+            "UPDATE deliveries SET status = 'pending', round_start = attempts, next_attempt_at = ?,"
+            " failed_at = NULL, owner = ? WHERE status = 'failed' AND job_id IN (SELECT job_id FROM deliveries"
+            " WHERE status = 'failed' AND failed_at >= ? AND failed_at <= ? ORDER BY failed_at LIMIT ?)"
+            " RETURNING job_id",
+            (now, self.instance, since, until, limit),
+        )
+        return [row[0] for row in rows]
 
     # The service
 
@@ -722,6 +784,10 @@ class SQLiteStore(Store):
             # FULL makes "committed before the 202" true across a power cut, not only a crash;
             # group commit pays its fsync once per batch.
             await writer.execute("PRAGMA synchronous = FULL")
+            # Pages that retention frees go on SQLite's free list and new jobs reuse them, so the
+            # file stops growing at its steady-state size. INCREMENTAL or FULL would hand them
+            # back to the file system only to take them again, moving pages at every commit.
+            await writer.execute("PRAGMA auto_vacuum = NONE")
             await writer.execute("PRAGMA busy_timeout = 5000")
             await cls._create_schema(writer)
             reader = await aiosqlite.connect(path, isolation_level=None)
@@ -1219,6 +1285,7 @@ class Metrics:
         self.delivery_seconds = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                                            300.0, 1800.0, 3600.0, 21600.0, 86400.0))
         self._receivers: set[str] = set()
+        self.shed = 0
 
     def job_accepted(self) -> None:
         """Count a job committed as processing."""
@@ -1265,6 +1332,9 @@ class Metrics:
             "# HELP webhookd_deliveries_finished_total Rounds of attempts since start-up that ended, by outcome.",
             "# TYPE webhookd_deliveries_finished_total counter",
             *(f'webhookd_deliveries_finished_total{{outcome="{o}"}} {n}' for o, n in sorted(self.finished.items())),
+            "# HELP webhookd_jobs_shed_total POST /predict answered 503 since start-up, past --max-backlog.",
+            "# TYPE webhookd_jobs_shed_total counter",
+            f"webhookd_jobs_shed_total {self.shed}",
             "# HELP webhookd_dead_letter_deliveries Deliveries that failed for good.",
             "# TYPE webhookd_dead_letter_deliveries gauge",
             f"webhookd_dead_letter_deliveries {self.dead_letter}",
@@ -1589,6 +1659,11 @@ class DeliveryEngine:
     def in_flight(self) -> int:
         """Attempts under way."""
         return len(self._attempts)
+
+    @property
+    def due(self) -> int:
+        """Attempts due and waiting for a slot."""
+        return sum(map(len, self._queues.values()))
 
     def start(self) -> None:
         """Start the timer that sends retries when they are due."""
@@ -2095,6 +2170,7 @@ async def predict(request: web.Request) -> web.Response:
         body = await request.read()
     except web.RequestPayloadError:
         raise web.HTTPBadRequest(text="body could not be read: bad Content-Encoding or length") from None
+    _shed_past_the_backlog(request.app)
     fields = parse_json_object(body)
     job = job_from_fields(fields, config.allow_private_urls)
     key = _idempotency_key(request)
@@ -2185,6 +2261,55 @@ async def redeliver(request: web.Request) -> web.Response:
              extra={"fields": {"job_id": job_id, "redelivery": "manual"}})
     engine.schedule(job_id, now)
     return web.json_response({"job_id": job_id, "delivery_status": "pending"}, status=202)
+
+
+MAX_BULK_REDELIVERY = 10_000
+BULK_REDELIVERY_FIELDS = ("since", "until", "dry_run")
+
+
+async def redeliver_failed(request: web.Request) -> web.Response:
+    """POST /webhooks/redeliver: a new round for every delivery that failed in a window."""
+    app = request.app
+    _require_json_content_type(request)
+    since, until, dry_run = _redelivery_window(parse_json_object(await request.read()))
+    store = app[STORE]
+    if dry_run:
+        return web.json_response({"would_redeliver": await store.failed_between(since, until, MAX_BULK_REDELIVERY)})
+    job_ids = await store.start_rounds(since, until, MAX_BULK_REDELIVERY, time.time())
+    app[METRICS].dead_letter -= len(job_ids)
+    log.info("bulk redelivery of %d deliveries that failed from %s to %s asked for: new rounds start",
+             len(job_ids), iso_time(since), iso_time(until), extra={"fields": {"redelivery": "bulk"}})
+    engine, now = app[ENGINE], time.time()
+    for job_id in job_ids:
+        engine.schedule(job_id, now)
+    return web.json_response({"redelivered": len(job_ids)}, status=202)
+
+
+def _redelivery_window(fields: dict[str, Any]) -> tuple[float, float, bool]:
+    unknown = sorted(set(fields) - set(BULK_REDELIVERY_FIELDS))
+    if unknown:
+        raise web.HTTPBadRequest(
+            text=f"unknown field {unknown[0]!r}; allowed fields: {', '.join(BULK_REDELIVERY_FIELDS)}")
+    if "since" not in fields:
+        raise web.HTTPBadRequest(text='field \'since\' is required, e.g. {"since": "2026-01-31T00:00:00Z"}')
+    since = _moment("since", fields["since"])
+    until = _moment("until", fields["until"]) if fields.get("until") is not None else time.time()
+    if since > until:
+        raise web.HTTPBadRequest(text="field 'since' is later than 'until'")
+    dry_run = fields.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise web.HTTPBadRequest(text="field 'dry_run' must be true or false")
+    return since, until, dry_run
+
+
+def _moment(name: str, value: Any) -> float:
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise web.HTTPBadRequest(text=f"field {name!r} must be an ISO-8601 time, like 2026-01-31T00:00:00Z")
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -2281,15 +2406,6 @@ def job_from_fields(fields: dict[str, Any], allow_private_urls: bool) -> Job:
     )
 
 
-def new_job_id() -> str:
-    """job-<32 hex>: the time in milliseconds, then 80 random bits, as in a UUIDv7.
-
-    Ids in time order put SQLite's inserts at the end of its indexes instead of all over them,
-    which measured a quarter less CPU per job in the db, and the random part keeps them unguessable.
-    """
-    return "job-%012x%s" % (time.time_ns() // 1_000_000, secrets.token_hex(10))
-
-
 def _text(value: Any) -> str:
     if value is None:
         raise web.HTTPBadRequest(text="field 'text' is required")
@@ -2347,6 +2463,19 @@ def _require_unicode(name: str, value: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise web.HTTPBadRequest(text=f"field {name!r} contains an unpaired surrogate (\\ud800-\\udfff)") from None
+
+
+def _shed_past_the_backlog(app: web.Application) -> None:
+    # Accepted jobs keep a delay to their webhook of about --max-backlog / jobs per second. The
+    # body is read first all the same: answered with its body unread, a keep-alive connection
+    # is closed, and a client that connects again costs more than the body did.
+    backlog = app[WORKERS].depth + app[ENGINE].due
+    if backlog >= app[CONFIG].max_backlog:
+        app[METRICS].shed += 1
+        raise web.HTTPServiceUnavailable(
+            text=f"busy: {backlog} jobs and deliveries are waiting (--max-backlog); try again later",
+            headers={"Retry-After": "1"},
+        )
 
 
 def _require_json_content_type(request: web.Request) -> None:
@@ -2482,6 +2611,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/webhooks/dead-letter", dead_letter)
     app.router.add_get("/webhooks/{job_id}/status", webhook_status)
     app.router.add_post("/webhooks/{job_id}/redeliver", redeliver)
+    app.router.add_post("/webhooks/redeliver", redeliver_failed)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app
@@ -2516,6 +2646,9 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         app[STORE], app[ENGINE], app[WORKERS], app[METRICS], app[FENCE] = store, engine, workers, metrics, fence
         loops.start("pruner", functools.partial(_prune_idempotency_keys, store))
         stack.push_async_callback(loops.stop, "pruner")
+        if config.retention_days:
+            loops.start("retention", functools.partial(_apply_retention, store, config.retention_days * 86400))
+            stack.push_async_callback(loops.stop, "retention")
         waits = ", ".join(f"{wait:g}" for wait in retry_schedule(config.retry)[:5]) or "no"
         if config.retry.max_retries > 5:
             waits += ", ..."
@@ -2552,6 +2685,22 @@ async def _stored_secret(store: Store, db: str) -> str:
         flush=True,
     )
     return secret
+
+
+RETENTION_BATCH = 500  # jobs a transaction: small, so requests and workers never wait long
+
+
+async def _apply_retention(store: Store, seconds: float) -> None:
+    """Delete the finished jobs older than `seconds`, a batch at a time, now and every so often."""
+    while True:
+        before = time.time() - seconds
+        deleted = 0
+        while (batch := await store.delete_finished(before, RETENTION_BATCH)):
+            deleted += batch
+            await asyncio.sleep(0.01)
+        if deleted:
+            log.info("deleted %d finished jobs older than %s (--retention-days)", deleted, iso_time(before))
+        await asyncio.sleep(min(600.0, seconds / 10))
 
 
 async def _prune_idempotency_keys(store: Store) -> None:
@@ -2653,6 +2802,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     _option(serve, "--backoff-jitter", 0.0, "spread each wait by up to +- this fraction (0..1)", float)
     _option(serve, "--timeout", 10.0, "seconds one delivery attempt may take, connect to last byte", float)
     _option(serve, "--max-in-flight", 256, "delivery attempts running at once, across all receivers", int)
+    _option(serve, "--max-backlog", 4000,
+            "accepted work not yet done (jobs before inference, deliveries due); past it /predict answers 503", int)
+    _option(serve, "--retention-days", 30.0, "delete finished jobs older than this (0: keep everything)", float)
     _flag(serve, "--allow-private-urls", "allow webhook URLs on loopback/private networks (local testing)")
     _option(serve, "--api-key", None, "require Authorization: Bearer <key> on every endpoint but /healthz")
     _option(serve, "--api-key-file", None, "read --api-key from this file, so it is not on the command line")
@@ -2726,6 +2878,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                           args.backoff_max, args.backoff_jitter),
         timeout=args.timeout,
         max_in_flight=args.max_in_flight,
+        max_backlog=args.max_backlog,
+        retention_days=args.retention_days,
         allow_private_urls=_boolean("WEBHOOKD_ALLOW_PRIVATE_URLS", args.allow_private_urls),
         api_key=_from_file("--api-key", args.api_key, args.api_key_file) or None,
         model=args.model,
