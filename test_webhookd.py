@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import glob
 import hashlib
 import hmac
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -69,6 +71,9 @@ class Arrival:
         return json.loads(self.body)
 
 
+current_request: contextvars.ContextVar[web.Request] = contextvars.ContextVar("current_request")
+
+
 @dataclass
 class Receiver:
     """A loopback webhook receiver; `answers` decides each reply from the arrivals so far."""
@@ -82,6 +87,7 @@ class Receiver:
         return str(self.server.make_url(path))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        current_request.set(request)
         arrival = Arrival(request.path, dict(request.headers), await request.read())
         self.arrivals.append(arrival)
         async with self._arrived:
@@ -926,21 +932,85 @@ async def test_many_slow_receivers_still_leave_room_for_healthy_ones(
     # would hold all 8 slots for the whole (long) timeout.
     service = await make_service(max_in_flight=8, timeout=DEADLINE * 2)
     try:
+        await wait_for_status(service, (await submit(service, webhook_url=healthy.url()))["job_id"], "delivered")
         for receiver in slow_receivers:
             for _ in range(2):
                 await submit(service, webhook_url=receiver.url())
         engine = service.app[webhookd.ENGINE]
 
         async def all_known_slow() -> bool:
-            return sum(len(r.arrivals) for r in slow_receivers) >= 12 and len(engine._slow) == 6
+            return sum(len(r.arrivals) for r in slow_receivers) >= 12 and list(engine._fast) == [
+                webhookd.webhook_target(healthy.url()).receiver]
 
         await wait_until(all_known_slow, "every first attempt to be answered, slowly")
         healthy_ids = [(await submit(service, webhook_url=healthy.url()))["job_id"] for _ in range(5)]
-        arrivals = await healthy.wait_for(5)
-        assert {a.json["job_id"] for a in arrivals} == set(healthy_ids)
+        arrivals = await healthy.wait_for(6)
+        assert {a.json["job_id"] for a in arrivals[1:]} == set(healthy_ids)
         assert not release.is_set()
     finally:
         release.set()
+
+
+async def test_fifty_new_receivers_that_all_hang_leave_the_fast_half_free(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    release = asyncio.Event()
+
+    async def hang(arrival: Arrival, n: int) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    healthy = await make_receiver()
+    hanging = [await make_receiver(hang) for _ in range(50)]
+    service = await make_service(max_in_flight=8, timeout=DEADLINE * 2)
+    try:
+        await wait_for_status(service, (await submit(service, webhook_url=healthy.url()))["job_id"], "delivered")
+        for receiver in hanging:
+            await submit(service, webhook_url=receiver.url())
+        engine = service.app[webhookd.ENGINE]
+        await wait_until(lambda: asyncio.sleep(0, engine.in_flight == 4), "the new receivers' half to fill")
+        healthy_ids = [(await submit(service, webhook_url=healthy.url()))["job_id"] for _ in range(20)]
+        for job_id in healthy_ids:
+            await wait_for_status(service, job_id, "delivered")
+        assert sum(len(r.arrivals) for r in hanging) == 4 and not release.is_set()
+    finally:
+        release.set()
+
+
+async def test_a_receiver_that_trickles_or_never_stops_costs_one_slot_for_at_most_the_timeout(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    async def endless(arrival: Arrival, n: int) -> web.StreamResponse:
+        response = web.StreamResponse(status=200)
+        await response.prepare(current_request.get())
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(b"x" * 65536)
+        return response
+
+    async def trickle(arrival: Arrival, n: int) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Length": "1000"})
+        await response.prepare(current_request.get())
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1000):
+                await response.write(b"x")
+                await asyncio.sleep(0.1)
+        return response
+
+    service = await make_service(timeout=1.0, retry=replace(FAST, max_retries=0))
+    for answers, error in ((endless, None), (trickle, "timeout")):
+        receiver = await make_receiver(answers)
+        status = await wait_for_status(service, (await submit(service, webhook_url=receiver.url()))["job_id"],
+                                       "delivered", "failed")
+        assert (status["attempts"][0]["error"] or "").startswith(error or ""), status
+    assert service.app[webhookd.ENGINE].in_flight == 0
+
+
+def test_the_retry_schedule_runs_on_the_monotonic_clock(config: Config) -> None:
+    engine = webhookd.DeliveryEngine(config, None, None, None, webhookd.Metrics({}, 0), webhookd.Loops(),
+                                     webhookd.Fence())
+    engine.schedule("job-x", time.time() + 5)
+    assert abs(engine._timers[0][0] - (time.monotonic() + 5)) < 1
 
 
 async def test_slow_receivers_take_turns_in_their_share(config: Config, tmp_path: Path) -> None:
@@ -1011,12 +1081,16 @@ class ServiceProcess:
             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")},
         )
+        self.url = self.wait_for_url(self.process)
+
+    @staticmethod
+    def wait_for_url(process: subprocess.Popen[str]) -> str:
         line = ""
         while "Running on" not in line:
-            line = self.process.stdout.readline()
+            line = process.stdout.readline()
             if not line:
-                raise AssertionError("webhookd did not start: " + self.process.stderr.read())
-        self.url = line.split("Running on ")[1].split()[0]
+                raise AssertionError("webhookd did not start: " + process.stderr.read())
+        return line.split("Running on ")[1].split()[0]
 
     async def submit(self, **fields: Any) -> dict[str, Any]:
         import aiohttp
@@ -2249,6 +2323,66 @@ async def test_the_sqlite_file_stops_growing_when_retention_keeps_pace(tmp_path:
     finally:
         await store.close()
     assert first > 0 and second <= first * 1.05 and third <= first * 1.05, (first, second, third)
+
+
+def test_a_full_disk_is_a_503_reads_go_on_and_it_carries_on_when_it_clears(tmp_path: Path) -> None:
+    import resource
+
+    def small_files() -> None:  # SIGXFSZ is ignored by Python itself, so a write past it fails
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, resource.RLIM_INFINITY))
+
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "webhookd.py"), "--port", "0", "--db", str(tmp_path / "small.db"),
+         "--secret", SECRET, "--log-level", "error", "--failover-after", "1"],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=small_files,
+        env={k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")},
+    )
+    try:
+        url = ServiceProcess.wait_for_url(process)
+        accepted, answer = [], 202
+        while answer == 202 and len(accepted) < 5000:
+            answer, body = http(url + "/predict", {"text": "filling the disk " * 40})
+            if answer == 202:
+                accepted.append(body["job_id"])
+        assert answer == 503 and "cannot be written" in body["error"], body
+        assert accepted and http(f"{url}/jobs/{accepted[0]}")[0] == 200  # reads go on
+        wait_for(lambda: http(url + "/healthz")[0] == 503)
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        wait_for(lambda: http(url + "/healthz")[0] == 200)
+        assert http(url + "/predict", {"text": "room again"})[0] == 202
+        for job_id in accepted:  # nothing accepted is lost, nothing half-written
+            wait_for(lambda: http(f"{url}/jobs/{job_id}")[1]["status"] == "completed")
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def http(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=DEADLINE) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def wait_for(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+async def test_a_db_file_deleted_under_it_is_a_503_and_healthz_says_so(service: TestClient, config: Config) -> None:
+    job_id = (await submit(service))["job_id"]
+    os.remove(config.db)
+    health = await service.get("/healthz")
+    assert health.status == 503 and "has gone" in (await health.json())["error"]
+    refused = await service.post("/predict", json={"text": "into an unlinked file?"})
+    assert refused.status == 503 and refused.headers["Retry-After"]
+    assert (await service.get(f"/jobs/{job_id}")).status == 200
 
 
 def test_config_reads_flags_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -660,6 +660,10 @@ class Store:
         """Sleep up to `seconds`, less if another instance has just handed its work over."""
         await asyncio.sleep(seconds)
 
+    def problem(self) -> str | None:
+        """Why the store cannot take writes now, if it knows without asking the database."""
+        return None
+
     # What each store provides
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
@@ -765,11 +769,14 @@ class SQLiteStore(Store):
     start instead of running the unfinished jobs a second time.
     """
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, lock: int, loops: Loops) -> None:
+    def __init__(self, path: str, writer: aiosqlite.Connection, reader: aiosqlite.Connection, lock: int,
+                 loops: Loops) -> None:
+        self._path = path
         self._writer = writer
         self._reader = reader
         self._lock = lock
         self._writing = asyncio.Lock()
+        self._write_error: str | None = None  # why the last write failed, until one succeeds
         self._taken_over = False
         super().__init__(loops)
 
@@ -796,7 +803,7 @@ class SQLiteStore(Store):
             os.close(lock)
             raise
         await reader.execute("PRAGMA busy_timeout = 5000")
-        return cls(writer, reader, lock, loops)
+        return cls(path, writer, reader, lock, loops)
 
     @staticmethod
     async def _create_schema(writer: aiosqlite.Connection) -> None:
@@ -821,10 +828,19 @@ class SQLiteStore(Store):
         os.close(self._lock)
 
     async def heartbeat(self) -> bool:
+        if self._write_error:  # nothing else may write for a while: find out whether it has cleared
+            await self._change("UPDATE settings SET value = value WHERE name = 'schema_version' RETURNING name", ())
         return True
 
     async def rejoin(self) -> None:
         pass
+
+    def problem(self) -> str | None:
+        try:
+            self._check_file()
+        except StoreUnavailable as exc:
+            return str(exc)
+        return self._write_error
 
     async def take_over(self, failover_after: float) -> Takeover:
         # The file is this instance's alone: at start-up every unfinished row is its own.
@@ -846,24 +862,40 @@ class SQLiteStore(Store):
         return list(await self._reader.execute_fetchall(sql, params))
 
     async def _change(self, sql: str, params: Sequence[Any]) -> list[Row]:
-        async with self._writing:
-            try:
-                rows = list(await self._writer.execute_fetchall(sql, params))
-                await self._writer.commit()
-            except BaseException:
-                await self._rollback()
-                raise
-        return rows
+        return await self._committed(lambda: self._writer.execute_fetchall(sql, params))
 
     async def _transaction(self, grouped: dict[str, list[Sequence[Any]]]) -> None:
+        async def run() -> None:
+            for sql, rows in grouped.items():
+                await self._writer.executemany(sql, rows)
+
+        await self._committed(run)
+
+    async def _committed(self, work: Callable[[], Awaitable[Any]]) -> Any:
         async with self._writing:
+            self._check_file()
             try:
-                for sql, rows in grouped.items():
-                    await self._writer.executemany(sql, rows)
+                result = await work()
                 await self._writer.commit()
+            except sqlite3.OperationalError as exc:  # a full disk, an I/O error, a read-only file
+                await self._rollback()
+                self._write_error = f"the database cannot be written: {exc}"
+                raise StoreUnavailable(self._write_error) from None
             except BaseException:
                 await self._rollback()
                 raise
+        self._write_error = None
+        return result
+
+    def _check_file(self) -> None:
+        # Deleted or replaced, the file this instance holds open is no longer the one the next
+        # start will open: what was written to it would be lost, the secret with it.
+        try:
+            gone = os.stat(self._path).st_ino != os.fstat(self._lock).st_ino
+        except FileNotFoundError:
+            gone = True
+        if gone:
+            raise StoreUnavailable(f"the database file {self._path} has gone from under webhookd")
 
     async def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -1614,16 +1646,18 @@ class Fence:
 class DeliveryEngine:
     """Sends webhooks: attempts now, retries on their schedule, each receiver given a fair share.
 
-    Every delivery's next attempt time is in the db; in memory there is a heap of (time,
-    job id) for the deliveries waiting for a retry, and the payload only of those about to be
-    sent. Attempts run concurrently up to max_in_flight, shared round robin between receivers
-    (scheme, host, port). One receiver gets at most a quarter of the slots, and the receivers
-    that are slow (the last attempt took over SLOW_SECONDS or got no answer) share at most half,
-    so receivers that hang delay nobody else.
+    Every delivery's next attempt time is in the db; in memory there is a heap of (monotonic
+    time, job id) for the deliveries waiting for a retry, and the payload only of those about to
+    be sent. Attempts run concurrently up to max_in_flight, shared round robin between receivers
+    (scheme, host, port). Each receiver's own limit adapts: it starts at one attempt at a time,
+    grows by one with each fast answer up to a quarter of the slots, and halves on a timeout or a
+    connection error. Receivers not known to answer fast (new ones, and those whose last answer
+    took over SLOW_SECONDS or never came) share at most half of the slots, so however many new
+    receivers hang at once, the ones known to be fast keep the other half.
     """
 
     SLOW_SECONDS = 1.0
-    REMEMBERED_SLOW_RECEIVERS = 10_000
+    REMEMBERED_RECEIVERS = 10_000
 
     def __init__(
         self, config: Config, store: Store, signer: Signer, session: aiohttp.ClientSession, metrics: Metrics,
@@ -1644,7 +1678,8 @@ class DeliveryEngine:
         self._queues: dict[str, deque[Delivery]] = {}
         self._busy: Counter[str] = Counter()
         self._ready: OrderedDict[str, None] = OrderedDict()  # receivers with work and a free slot
-        self._slow: OrderedDict[str, None] = OrderedDict()
+        self._limits: OrderedDict[str, float] = OrderedDict()  # receivers' own limits, oldest first
+        self._fast: OrderedDict[str, None] = OrderedDict()  # receivers whose last answer was fast
         self._slow_in_flight = 0
         self._waiting_for_slow_share: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._attempts: set[asyncio.Task[None]] = set()
@@ -1716,13 +1751,14 @@ class DeliveryEngine:
     def schedule(self, job_id: str, when: float) -> None:
         """Attempt a stored delivery at `when` (Unix seconds)."""
         self._active.add(job_id)
-        heapq.heappush(self._timers, (when, job_id))
+        # On the monotonic clock, so that a step of the wall clock delays no retry.
+        heapq.heappush(self._timers, (time.monotonic() + when - time.time(), job_id))
         if self._timers[0][1] == job_id:  # the timer sleeps until the earliest; this is earlier
             self._timer_wake.set()
 
     async def _fire_timers(self) -> None:
         while True:
-            now = time.time()
+            now = time.monotonic()
             due: list[str] = []
             while self._timers and self._timers[0][0] <= now and len(due) < 500:
                 due.append(heapq.heappop(self._timers)[1])
@@ -1757,9 +1793,9 @@ class DeliveryEngine:
         ]
 
     def _has_room(self, receiver: str) -> bool:
-        if self._busy[receiver] >= self._per_receiver:
+        if self._busy[receiver] >= self._limits.get(receiver, 1):
             return False
-        if receiver in self._slow and self._slow_in_flight >= self._slow_share:
+        if receiver not in self._fast and self._slow_in_flight >= self._slow_share:
             self._waiting_for_slow_share.setdefault(receiver)
             return False
         return True
@@ -1776,7 +1812,7 @@ class DeliveryEngine:
             if not self._has_room(receiver):  # the slow receivers' share filled up meanwhile
                 continue
             delivery = self._queues[receiver].popleft()
-            slow = receiver in self._slow
+            slow = receiver not in self._fast
             self._busy[receiver] += 1
             self._slow_in_flight += slow
             task = asyncio.create_task(self._attempt(delivery, receiver))
@@ -1832,13 +1868,19 @@ class DeliveryEngine:
             self.schedule(delivery.job_id, next_attempt_at)
 
     def _note_speed(self, receiver: str, outcome: Outcome, seconds: float) -> None:
-        if outcome.status_code is None or seconds > self.SLOW_SECONDS:
-            self._slow[receiver] = None
-            self._slow.move_to_end(receiver)
-            if len(self._slow) > self.REMEMBERED_SLOW_RECEIVERS:
-                self._slow.popitem(last=False)
+        limit = self._limits.pop(receiver, 1.0)
+        if outcome.status_code is not None and seconds <= self.SLOW_SECONDS:
+            limit = min(limit + 1, self._per_receiver)
+            self._fast[receiver] = None
+            self._fast.move_to_end(receiver)
         else:
-            self._slow.pop(receiver, None)
+            self._fast.pop(receiver, None)
+            if outcome.status_code is None:
+                limit = max(limit / 2, 1.0)
+        self._limits[receiver] = limit
+        for remembered in (self._limits, self._fast):
+            if len(remembered) > self.REMEMBERED_RECEIVERS:
+                remembered.popitem(last=False)
 
     def _next_step(
         self, delivery: Delivery, number: int, outcome: Outcome, now: float
@@ -2321,8 +2363,9 @@ async def healthz(request: web.Request) -> web.Response:
             text=f"not processing: the {', '.join(down)} loop is down; the log says why",
             headers={"Retry-After": "1"},
         )
-    if not app[FENCE].is_open():
-        raise web.HTTPServiceUnavailable(text="the database cannot be reached", headers={"Retry-After": "1"})
+    problem = app[STORE].problem() or (None if app[FENCE].is_open() else "the database cannot be reached")
+    if problem:
+        raise web.HTTPServiceUnavailable(text=problem, headers={"Retry-After": "1"})
     return web.json_response({
         "status": "ok",
         "instance": app[STORE].instance,
