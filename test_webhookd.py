@@ -10,7 +10,9 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import errno
 import glob
+import gzip
 import hashlib
 import hmac
 import json
@@ -2383,6 +2385,106 @@ async def test_a_db_file_deleted_under_it_is_a_503_and_healthz_says_so(service: 
     refused = await service.post("/predict", json={"text": "into an unlinked file?"})
     assert refused.status == 503 and refused.headers["Retry-After"]
     assert (await service.get(f"/jobs/{job_id}")).status == 200
+
+
+async def test_running_out_of_file_descriptors_is_not_charged_to_the_receiver(
+    service: TestClient, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = service.app[webhookd.ENGINE]._session
+    post, failures = session.post, [OSError(errno.EMFILE, "Too many open files")] * 3
+
+    def out_of_files(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return post(*args, **kwargs)
+
+    monkeypatch.setattr(session, "post", out_of_files)
+    job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    status = await wait_for_status(service, job_id, "delivered")
+    assert [(a["attempt"], a["success"]) for a in status["attempts"]] == [(1, True)]
+
+
+async def test_idle_keep_alive_connections_are_bounded(make_service: Callable[..., Any],
+                                                       make_receiver: Callable[..., Any]) -> None:
+    service = await make_service(max_in_flight=2)
+    receivers = [await make_receiver() for _ in range(5)]
+    for receiver in receivers:
+        await wait_for_status(service, (await submit(service, webhook_url=receiver.url()))["job_id"], "delivered")
+    connector = service.app[webhookd.ENGINE]._session.connector
+    assert sum(map(len, connector._conns.values())) <= 2
+
+
+async def test_an_upload_cut_off_is_a_quiet_400_and_a_body_that_never_comes_a_408(
+    make_service: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    service = await make_service(timeout=0.5)
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    reader, writer = await asyncio.open_connection(service.server.host, service.server.port)
+    writer.write(head + b'{"text": "ab')
+    await writer.drain()
+    writer.close()  # the client goes away mid-body
+    reader, writer = await asyncio.open_connection(service.server.host, service.server.port)
+    writer.write(head + b'{"text": "ab')  # ... and this one never sends the rest
+    answer = await asyncio.wait_for(reader.read(), DEADLINE)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer
+    assert "unexpected error" not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_compressed_body_is_refused_unread(service: TestClient) -> None:
+    bomb = gzip.compress(b" " * 10_000_000)
+    response = await service.post("/predict", data=bomb, headers={"Content-Type": "application/json",
+                                                                 "Content-Encoding": "gzip"})
+    assert response.status == 415 and "Content-Encoding" in (await response.json())["error"]
+
+
+async def test_one_client_cannot_hold_every_request_slot(
+    make_service: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhookd, "MAX_REQUESTS_PER_CLIENT", 2)
+    service = await make_service()
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    slow = [await asyncio.open_connection(service.server.host, service.server.port) for _ in range(2)]
+    for _, writer in slow:
+        writer.write(head + b"{")
+        await writer.drain()
+    await wait_until(lambda: asyncio.sleep(0, sum(service.app[webhookd.REQUESTS_BY_CLIENT].values()) == 2),
+                     "both slow requests to be in the handler")
+    refused = await service.post("/predict", json={"text": "hi"})
+    assert refused.status == 429 and refused.headers["Retry-After"] == "1"
+    for _, writer in slow:
+        writer.close()
+    await wait_until(lambda: asyncio.sleep(0, not service.app[webhookd.REQUESTS_BY_CLIENT]), "the slots to free")
+    assert (await service.post("/predict", json={"text": "hi"})).status == 202
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_one() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
+    webhookd._raise_file_limit(Config())
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+
+
+async def test_a_large_backlog_is_read_a_page_at_a_time(make_service: Callable[..., Any], config: Config) -> None:
+    store = await webhookd.open_store(config.db, webhookd.Loops(), 2.0)
+    for n in range(3 * webhookd.RESUME_PAGE):
+        await store.add_job(webhookd.Job(webhookd.new_job_id(), f"left over {n}", None, None, time.time()))
+    await store.close()
+    model_gate.clear()
+    service = await make_service(model="test_webhookd:gated_model", workers=1)
+    try:
+        workers = service.app[webhookd.WORKERS]
+        await wait_until(lambda: asyncio.sleep(0, workers.depth > 0), "the first page")
+        assert workers.depth <= webhookd.RESUME_PAGE + webhookd.InferenceWorkers.MAX_BATCH
+    finally:
+        model_gate.set()
+    await wait_until(lambda: finished_jobs(config.db, 3 * webhookd.RESUME_PAGE), "every page to run")
+
+
+async def finished_jobs(db: str, count: int) -> bool:
+    return await query(db, "SELECT count(*) FROM jobs WHERE status = 'completed'") == [(count,)]
 
 
 def test_config_reads_flags_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:

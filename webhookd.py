@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import email.utils
+import errno
 import functools
 import gc
 import hashlib
@@ -426,7 +427,7 @@ class Delivery:
 class Takeover(NamedTuple):
     """Work this instance has just become the owner of."""
 
-    jobs: list[Job]  # unfinished, oldest first
+    job_ids: list[str]  # unfinished jobs, oldest first: their texts are read a page at a time
     deliveries: list[tuple[float, str]]  # (next attempt time, job id) of pending and retrying ones
 
 
@@ -491,6 +492,16 @@ class Store:
             "SELECT status, result, error, created_at, completed_at, webhook_url FROM jobs WHERE id = ?",
             (job_id,),
         )
+
+    async def unfinished_jobs(self, job_ids: list[str]) -> list[Job]:
+        """Those of the jobs that are still unfinished and this instance's, oldest first."""
+        marks = ",".join("?" * len(job_ids))
+        rows = await self._fetch(
+            "SELECT id, text, webhook_url, retry_policy, created_at FROM jobs"
+            f" WHERE id IN ({marks}) AND status = 'processing' AND owner = ? ORDER BY id",
+            (*job_ids, self.instance),
+        )
+        return [Job(row[0], row[1], row[2], _json_or_none(row[3]), row[4]) for row in rows]
 
     async def record_results(self, finished: Sequence[tuple[Job, str | None, str | None, bytes | None]],
                              completed_at: float) -> None:
@@ -745,11 +756,7 @@ def _refuse_newer_schema(found: Any) -> None:
 
 
 def _takeover(jobs: list[Row], deliveries: list[Row]) -> Takeover:
-    ordered = sorted(jobs, key=lambda row: row[4])
-    return Takeover(
-        [Job(row[0], row[1], row[2], _json_or_none(row[3]), row[4]) for row in ordered],
-        [(when, job_id) for when, job_id in deliveries],
-    )
+    return Takeover(sorted(row[0] for row in jobs), [(when, job_id) for when, job_id in deliveries])
 
 
 def _json_or_none(text: str | None) -> Any:
@@ -849,7 +856,7 @@ class SQLiteStore(Store):
         self._taken_over = True
         jobs = await self._change(
             "UPDATE jobs SET owner = ? WHERE status = 'processing'"
-            " RETURNING id, text, webhook_url, retry_policy, created_at", (self.instance,))
+            " RETURNING id", (self.instance,))
         deliveries = await self._change(
             "UPDATE deliveries SET owner = ? WHERE status IN ('pending', 'retrying')"
             " RETURNING next_attempt_at, job_id", (self.instance,))
@@ -1000,7 +1007,7 @@ class PostgresStore(Store):
                 return Takeover([], [])
             jobs = await conn.fetch(
                 "UPDATE jobs SET owner = $1 WHERE owner = ANY($2) AND status = 'processing'"
-                " RETURNING id, text, webhook_url, retry_policy, created_at", self.instance, dead)
+                " RETURNING id", self.instance, dead)
             deliveries = await conn.fetch(
                 "UPDATE deliveries SET owner = $1 WHERE owner = ANY($2) AND status IN ('pending', 'retrying')"
                 " RETURNING next_attempt_at, job_id", self.instance, dead)
@@ -1849,6 +1856,10 @@ class DeliveryEngine:
         clock = time.perf_counter()
         try:
             outcome = await self._post(delivery, number, int(started))
+        except OutOfFiles:  # the service's own fault: no attempt was made, and none is charged
+            log.warning("no file descriptor free to send %s; trying again in 1 s", delivery.job_id)
+            self.schedule(delivery.job_id, time.time() + 1)
+            return
         except Exception as exc:  # a fault of webhookd's: a failed attempt, retried as any other
             log.exception("attempt %d of %s raised", number, delivery.job_id)
             outcome = Outcome(None, f"internal error: {type(exc).__name__}: {exc}")
@@ -1932,9 +1943,36 @@ class DeliveryEngine:
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, BlockedAddress):
                 return Outcome(None, str(exc.os_error), final=True)
+            _raise_if_out_of_files(exc.os_error)
             return Outcome(None, f"connection error: {exc.os_error.strerror or exc.os_error}")
         except (aiohttp.ClientError, OSError, ValueError) as exc:
+            _raise_if_out_of_files(exc)
             return Outcome(None, f"{type(exc).__name__}: {exc}")
+
+
+class OutOfFiles(Exception):
+    """This process has no file descriptor free: a local fault, not the receiver's."""
+
+
+def _raise_if_out_of_files(error: BaseException) -> None:
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        raise OutOfFiles(str(error)) from error
+
+
+class BoundedConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, keeping at most `max_idle` idle keep-alive connections.
+
+    Its own limit counts only the connections in use; idle ones to thousands of receivers
+    would otherwise hold a file descriptor each until the keep-alive timeout.
+    """
+
+    def __init__(self, max_idle: int, **options: Any) -> None:
+        super().__init__(**options)
+        self._max_idle = max_idle
+
+    def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
+        idle = sum(map(len, self._conns.values()))
+        super()._release(key, protocol, should_close=should_close or idle >= self._max_idle)
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:
@@ -2121,6 +2159,9 @@ class InferenceWorkers:
 # ---------------------------------------------------------------------------
 
 
+RESUME_PAGE = 500  # taken-over jobs read from the db at a time
+
+
 class Instance:
     """This instance among those sharing the db: it heartbeats, fences itself when it cannot,
     and takes over the work of instances presumed dead.
@@ -2139,17 +2180,41 @@ class Instance:
         self._fence = fence
         self._loops = loops
         self._reachable = True
+        self._to_resume: deque[str] = deque()  # ids of jobs taken over, not yet queued
+        self._resume_wake = asyncio.Event()
 
     async def start(self) -> Takeover:
         """Heartbeat, take over what was left unfinished, and keep doing both; what was taken."""
         await self._renew()
         takeover = await self._take_over()
         self._loops.start("heartbeat", self._keep_alive)
+        self._loops.start("resume", self._resume_jobs)
         return takeover
 
     async def stop(self) -> None:
         """Stop heartbeating (the store hands the work over once the rest has stopped)."""
+        await self._loops.stop("resume")
         await self._loops.stop("heartbeat")
+
+    async def _resume_jobs(self) -> None:
+        # A page at a time, when the workers are near the end of their queue: a backlog of
+        # any size costs memory for a page, not for every text in it.
+        while True:
+            await self._resume_wake.wait()
+            while self._to_resume:
+                if self._workers.queue.qsize() >= RESUME_PAGE:
+                    await asyncio.sleep(0.05)
+                    continue
+                page = [self._to_resume.popleft() for _ in range(min(RESUME_PAGE, len(self._to_resume)))]
+                try:
+                    jobs = await self._store.unfinished_jobs(page)
+                except StoreUnavailable:
+                    self._to_resume.extendleft(reversed(page))
+                    await asyncio.sleep(1)
+                    continue
+                for job in jobs:
+                    self._workers.queue.put_nowait(job)
+            self._resume_wake.clear()
 
     async def _keep_alive(self) -> None:
         while True:
@@ -2165,6 +2230,7 @@ class Instance:
                             self._store.instance)
                 self._workers.forget()
                 self._engine.forget()
+                self._to_resume.clear()
                 await self._store.rejoin()
         except StoreUnavailable as exc:
             if self._reachable:
@@ -2182,8 +2248,9 @@ class Instance:
             takeover = await self._store.take_over(self._config.failover_after)
         except StoreUnavailable:
             return Takeover([], [])
-        for job in takeover.jobs:
-            self._workers.queue.put_nowait(job)
+        if takeover.job_ids:
+            self._to_resume.extend(takeover.job_ids)
+            self._resume_wake.set()
         for when, job_id in takeover.deliveries:
             self._engine.schedule(job_id, when)
         return takeover
@@ -2201,6 +2268,7 @@ WORKERS = web.AppKey("workers", InferenceWorkers)
 METRICS = web.AppKey("metrics", Metrics)
 LOOPS = web.AppKey("loops", Loops)
 FENCE = web.AppKey("fence", Fence)
+REQUESTS_BY_CLIENT = web.AppKey("requests_by_client", Counter[str])
 IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict[str, asyncio.Future[None]])
 
 
@@ -2208,10 +2276,7 @@ async def predict(request: web.Request) -> web.Response:
     """POST /predict: accept a job, commit it, queue it; 202 with its id."""
     config = request.app[CONFIG]
     _require_json_content_type(request)
-    try:
-        body = await request.read()
-    except web.RequestPayloadError:
-        raise web.HTTPBadRequest(text="body could not be read: bad Content-Encoding or length") from None
+    body = await _read_body(request)
     _shed_past_the_backlog(request.app)
     fields = parse_json_object(body)
     job = job_from_fields(fields, config.allow_private_urls)
@@ -2313,7 +2378,7 @@ async def redeliver_failed(request: web.Request) -> web.Response:
     """POST /webhooks/redeliver: a new round for every delivery that failed in a window."""
     app = request.app
     _require_json_content_type(request)
-    since, until, dry_run = _redelivery_window(parse_json_object(await request.read()))
+    since, until, dry_run = _redelivery_window(parse_json_object(await _read_body(request)))
     store = app[STORE]
     if dry_run:
         return web.json_response({"would_redeliver": await store.failed_between(since, until, MAX_BULK_REDELIVERY)})
@@ -2392,12 +2457,38 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
         if exc.status < 400:
             raise
         headers = {h: exc.headers[h] for h in ("Allow", "WWW-Authenticate", "Retry-After") if h in exc.headers}
-        return web.json_response({"error": _error_message(request, exc)}, status=exc.status, headers=headers)
+        response = web.json_response({"error": _error_message(request, exc)}, status=exc.status, headers=headers)
+        if exc.status in (408, 413, 415):  # the rest of the body is not worth reading: close instead
+            response.force_close()
+        return response
     except StoreUnavailable as exc:
         return web.json_response({"error": f"{exc}; try again later"}, status=503, headers={"Retry-After": "1"})
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return web.json_response({"error": "internal error; the server log has the details"}, status=500)
+
+
+MAX_REQUESTS_PER_CLIENT = 256  # at once, from one address: room for a load balancer's connections
+
+
+@web.middleware
+async def limit_per_client(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """At most MAX_REQUESTS_PER_CLIENT requests at once from one address, so that one client
+    holding many slow connections cannot take every file descriptor from the others."""
+    counts = request.app[REQUESTS_BY_CLIENT]
+    client = request.remote or ""
+    if counts[client] >= MAX_REQUESTS_PER_CLIENT:
+        raise web.HTTPTooManyRequests(
+            text=f"more than {MAX_REQUESTS_PER_CLIENT} requests at once from {client}; wait for some to finish",
+            headers={"Retry-After": "1"},
+        )
+    counts[client] += 1
+    try:
+        return await handler(request)
+    finally:
+        counts[client] -= 1
+        if not counts[client]:
+            del counts[client]
 
 
 @web.middleware
@@ -2506,6 +2597,22 @@ def _require_unicode(name: str, value: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise web.HTTPBadRequest(text=f"field {name!r} contains an unpaired surrogate (\\ud800-\\udfff)") from None
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The request body: uncompressed, complete, and within --timeout."""
+    # Refused, not inflated: aiohttp would inflate a compressed body to the end, limit or not.
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise web.HTTPUnsupportedMediaType(text="a compressed body is not accepted: send it without Content-Encoding")
+    timeout = request.app[CONFIG].timeout
+    try:
+        return await asyncio.wait_for(request.read(), timeout)
+    except asyncio.TimeoutError:
+        raise web.HTTPRequestTimeout(text=f"the body did not arrive within {timeout:g} s") from None
+    except ConnectionResetError:  # the client went away: nobody reads this answer, nothing to log
+        raise web.HTTPBadRequest(text="the connection closed before the body ended") from None
+    except web.RequestPayloadError:
+        raise web.HTTPBadRequest(text="body could not be read: bad length or chunking") from None
 
 
 def _shed_past_the_backlog(app: web.Application) -> None:
@@ -2643,11 +2750,12 @@ def _error_message(request: web.Request, exc: web.HTTPException) -> str:
 
 def create_app(config: Config) -> web.Application:
     """The webhookd application: routes, middleware, and the workers that start and stop with it."""
-    middlewares = [json_errors] if config.api_key is None else [json_errors, require_api_key]
+    middlewares = [json_errors, limit_per_client] + ([require_api_key] if config.api_key else [])
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[CONFIG] = config
     app[IDEMPOTENCY_IN_PROGRESS] = {}
     app[LOOPS] = Loops()
+    app[REQUESTS_BY_CLIENT] = Counter()
     app.cleanup_ctx.append(_running)
     app.router.add_post("/predict", predict)
     app.router.add_get("/jobs/{job_id}", get_job)
@@ -2696,7 +2804,7 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         if config.retry.max_retries > 5:
             waits += ", ..."
         log.info("webhookd %s, %s on %s: resuming %d jobs and %d deliveries; retries after %s s",
-                 __version__, store.instance, redacted(config.db), len(resumed.jobs), len(resumed.deliveries), waits)
+                 __version__, store.instance, redacted(config.db), len(resumed.job_ids), len(resumed.deliveries), waits)
         yield
         log.info("webhookd stopping; what is unfinished stays in %s, for the next start or the other instances",
                  redacted(config.db))
@@ -2704,7 +2812,7 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
 
 def _client_session(config: Config, resolver: AbstractResolver | None) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=config.max_in_flight, resolver=resolver),
+        connector=BoundedConnector(max_idle=config.max_in_flight, limit=config.max_in_flight, resolver=resolver),
         timeout=aiohttp.ClientTimeout(total=config.timeout),
         headers={"User-Agent": USER_AGENT},
         # A receiver's cookies must not reach the next receiver, and answers are discarded.
@@ -2944,6 +3052,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"webhookd: {exc}", file=sys.stderr)
         return 2
     configure_logging(config)
+    _raise_file_limit(config)
     if config.api_key is None and not _is_loopback(config.host):
         log.warning("listening on %s without --api-key: anyone who can reach it can submit jobs and so make"
                     " it send requests; set --api-key-file (or WEBHOOKD_API_KEY)", config.host)
@@ -2961,6 +3070,23 @@ def main(argv: list[str] | None = None) -> int:
         access_log=logging.getLogger("aiohttp.access") if config.log_level == "debug" else None,
         shutdown_timeout=config.timeout,
     )
+
+
+def _raise_file_limit(config: Config) -> None:
+    # Each attempt holds a socket, and so may each idle keep-alive connection kept for later
+    # ones; clients' connections, the db and the model need theirs besides.
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    needed = 2 * config.max_in_flight + 2 * MAX_REQUESTS_PER_CLIENT
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("the open-file limit is %d, under the %d that --max-in-flight %d and clients need;"
+                    " raise it (LimitNOFILE= in systemd) or lower --max-in-flight", soft, needed, config.max_in_flight)
 
 
 def _is_loopback(host: str) -> bool:
