@@ -44,7 +44,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -227,14 +227,16 @@ async def query(db: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 
 @pytest.fixture
-async def service(aiohttp_client: AiohttpClient, config: Config) -> TestClient:
-    return await aiohttp_client(create_app(config))
+async def service(make_service: Callable[..., Any]) -> TestClient:
+    return await make_service()
 
 
 @pytest.fixture
 def make_service(aiohttp_client: AiohttpClient, config: Config) -> Callable[..., Any]:
     async def make(**changes: Any) -> TestClient:
-        return await aiohttp_client(create_app(replace(config, **changes)))
+        server = TestServer(create_app(replace(config, **changes)))
+        await server.start_server(**webhookd.SERVER_OPTIONS)  # as python webhookd.py runs it
+        return await aiohttp_client(server)
 
     return make
 
@@ -2308,11 +2310,10 @@ async def test_the_sqlite_file_stops_growing_when_retention_keeps_pace(tmp_path:
     async def a_day_of_jobs() -> int:
         jobs = [webhookd.Job(webhookd.new_job_id(), "a review " * 20, "https://example.com/hook", None, 0.0)
                 for _ in range(2000)]
-        for job in jobs:
-            await store.add_job(job)
+        await asyncio.gather(*map(store.add_job, jobs))  # one group commit, as under load
         await store.record_results([(job, '{"sentiment": "neutral"}', None, b"{}" * 80) for job in jobs], time.time())
-        for job in jobs:
-            await store.record_attempt(job.id, 1, time.time(), 0.01, 200, None, "delivered", None)
+        await asyncio.gather(*(store.record_attempt(job.id, 1, time.time(), 0.01, 200, None, "delivered", None)
+                               for job in jobs))
         await store._change("PRAGMA wal_checkpoint(TRUNCATE)", ())
         return os.path.getsize(tmp_path / "steady.db")
 
@@ -2399,6 +2400,7 @@ async def test_running_out_of_file_descriptors_is_not_charged_to_the_receiver(
         return post(*args, **kwargs)
 
     monkeypatch.setattr(session, "post", out_of_files)
+    monkeypatch.setattr(webhookd, "OUT_OF_FILES_PAUSE", 0.02)
     job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
     status = await wait_for_status(service, job_id, "delivered")
     assert [(a["attempt"], a["success"]) for a in status["attempts"]] == [(1, True)]

@@ -1857,8 +1857,8 @@ class DeliveryEngine:
         try:
             outcome = await self._post(delivery, number, int(started))
         except OutOfFiles:  # the service's own fault: no attempt was made, and none is charged
-            log.warning("no file descriptor free to send %s; trying again in 1 s", delivery.job_id)
-            self.schedule(delivery.job_id, time.time() + 1)
+            log.warning("no file descriptor free to send %s; trying again in %g s", delivery.job_id, OUT_OF_FILES_PAUSE)
+            self.schedule(delivery.job_id, time.time() + OUT_OF_FILES_PAUSE)
             return
         except Exception as exc:  # a fault of webhookd's: a failed attempt, retried as any other
             log.exception("attempt %d of %s raised", number, delivery.job_id)
@@ -1948,6 +1948,9 @@ class DeliveryEngine:
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             _raise_if_out_of_files(exc)
             return Outcome(None, f"{type(exc).__name__}: {exc}")
+
+
+OUT_OF_FILES_PAUSE = 1.0  # seconds before a delivery that found no file descriptor tries again
 
 
 class OutOfFiles(Exception):
@@ -2457,10 +2460,7 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
         if exc.status < 400:
             raise
         headers = {h: exc.headers[h] for h in ("Allow", "WWW-Authenticate", "Retry-After") if h in exc.headers}
-        response = web.json_response({"error": _error_message(request, exc)}, status=exc.status, headers=headers)
-        if exc.status in (408, 413, 415):  # the rest of the body is not worth reading: close instead
-            response.force_close()
-        return response
+        return web.json_response({"error": _error_message(request, exc)}, status=exc.status, headers=headers)
     except StoreUnavailable as exc:
         return web.json_response({"error": f"{exc}; try again later"}, status=503, headers={"Retry-After": "1"})
     except Exception:
@@ -2469,6 +2469,9 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
 
 
 MAX_REQUESTS_PER_CLIENT = 256  # at once, from one address: room for a load balancer's connections
+# Answered before its body was read (a 408, 413 or 415), a connection is closed at once: aiohttp
+# would otherwise read, and inflate, up to 10 s more of a body nobody wants.
+SERVER_OPTIONS = {"lingering_time": 0}
 
 
 @web.middleware
@@ -3069,6 +3072,7 @@ def main(argv: list[str] | None = None) -> int:
         port=config.port,
         access_log=logging.getLogger("aiohttp.access") if config.log_level == "debug" else None,
         shutdown_timeout=config.timeout,
+        handler_args=SERVER_OPTIONS,
     )
 
 
