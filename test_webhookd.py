@@ -920,8 +920,9 @@ async def test_a_hanging_receiver_does_not_delay_other_receivers(
 
 
 async def test_many_slow_receivers_still_leave_room_for_healthy_ones(
-    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(webhookd.DeliveryEngine, "SLOW_SECONDS", 0.2)
     release = asyncio.Event()
 
     async def slow_then_hang(arrival: Arrival, n: int) -> web.Response:
@@ -1124,7 +1125,7 @@ async def test_kill_9_mid_round_then_restart_finishes_the_round(
         child.process.kill()
         child.process.wait()
     up.set()
-    service = await make_service(retry=replace(FAST, max_retries=10))
+    service = await make_service(retry=replace(FAST, max_retries=10), failover_after=1.0)
     status = await wait_for_status(service, job_id, "delivered")
     attempts = status["attempts"]
     assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1))
@@ -1143,7 +1144,7 @@ async def test_kill_9_before_inference_then_restart_runs_the_job(
     finally:
         child.process.kill()
         child.process.wait()
-    service = await make_service()
+    service = await make_service(failover_after=1.0)
     arrivals = await receiver.wait_for(3)
     assert {a.json["job_id"] for a in arrivals} >= set(ids)
     for job_id in ids:
@@ -1649,7 +1650,7 @@ def slow_on_request(text: str) -> dict[str, Any]:
 async def test_kill_9_of_one_of_two_instances_the_other_delivers_everything(
     make_service: Callable[..., Any], make_receiver: Callable[..., Any], config: Config
 ) -> None:
-    survivor = await make_service(retry=replace(FAST, max_retries=50))
+    survivor = await make_service(retry=replace(FAST, max_retries=50), failover_after=1.0)
     up = asyncio.Event()
     receiver = await make_receiver(fails_until(up))
     child = ServiceProcess(config.db, "--model", "test_webhookd:slow_on_request", "--backoff-base", "0.3",
