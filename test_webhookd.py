@@ -715,8 +715,33 @@ async def test_status_shows_pending_retrying_and_the_whole_history(
     assert [a["success"] for a in attempts] == [False, False, True]
     assert [a["error"] for a in attempts] == ["HTTP 500", "HTTP 502", None]
     for attempt in attempts:
-        assert set(attempt) == {"attempt", "timestamp", "status_code", "success", "error", "duration_ms"}
+        assert set(attempt) == {"attempt", "timestamp", "status_code", "success", "error", "duration_ms", "response"}
         assert attempt["timestamp"].endswith("Z") and attempt["duration_ms"] >= 0
+
+
+@both_stores
+async def test_status_shows_what_the_receiver_answered_up_to_a_cap(
+    service: TestClient, make_receiver: Callable[..., Any]
+) -> None:
+    def answers(arrival: Arrival, n: int) -> web.Response:
+        if n == 1:
+            return web.json_response({"error": "unknown <script>alert(1)</script> signature"}, status=400,
+                                     headers={"X-Request-Id": "r-1"})
+        return web.Response(text="y" * 100_000)
+
+    receiver = await make_receiver(answers)
+    job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    first, second = (await wait_for_status(service, job_id, "delivered"))["attempts"]
+    assert {k.lower(): v for k, v in first["response"]["headers"].items()}["x-request-id"] == "r-1"
+    assert json.loads(first["response"]["body"]) == {"error": "unknown <script>alert(1)</script> signature"}
+    assert first["response"]["truncated"] is False
+    assert second["response"]["body"] == "y" * webhookd.ANSWER_BYTES and second["response"]["truncated"] is True
+
+
+async def test_an_attempt_without_an_answer_has_no_response(service: TestClient) -> None:
+    job_id = (await submit(service, webhook_url=f"http://127.0.0.1:{_closed_port()}/hook"))["job_id"]
+    attempt = (await wait_for_status(service, job_id, "retrying", "failed"))["attempts"][0]
+    assert "response" not in attempt and attempt["error"].startswith("connection error")
 
 
 async def retrying_job(make_service: Callable[..., Any], make_receiver: Callable[..., Any]) -> tuple[TestClient, str]:

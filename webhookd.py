@@ -369,6 +369,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     status_code INTEGER,
     error       TEXT,
     duration_ms {real} NOT NULL,
+    response    TEXT,                      -- what the receiver answered, JSON, capped: ANSWER_BYTES
     PRIMARY KEY (job_id, attempt)
 ){without_rowid};
 {owner_indexes}
@@ -564,9 +565,9 @@ class Store:
         )
 
     async def attempts(self, job_id: str) -> list[Row]:
-        """(attempt, at, status_code, error, duration_ms) of every attempt, in order."""
+        """(attempt, at, status_code, error, duration_ms, response JSON) of every attempt, in order."""
         return await self._fetch(
-            "SELECT attempt, at, status_code, error, duration_ms FROM attempts WHERE job_id = ? ORDER BY attempt",
+            "SELECT attempt, at, status_code, error, duration_ms, response FROM attempts WHERE job_id = ? ORDER BY attempt",
             (job_id,),
         )
 
@@ -590,13 +591,13 @@ class Store:
 
     async def record_attempt(self, job_id: str, number: int, started: float, seconds: float,
                              status_code: int | None, error: str | None,
-                             status: str, next_attempt_at: float | None) -> None:
-        """Store an attempt and what it made of its delivery."""
+                             status: str, next_attempt_at: float | None, answer: str | None = None) -> None:
+        """Store an attempt (with the receiver's answer, JSON) and what it made of its delivery."""
         await self._write(
-            ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms)"
-             " SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM deliveries WHERE job_id = ? AND owner = ?)"
+            ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms, response)"
+             " SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM deliveries WHERE job_id = ? AND owner = ?)"
              " ON CONFLICT (job_id, attempt) DO NOTHING",
-             (job_id, number, started, status_code, error, seconds * 1000, job_id, self.instance)),
+             (job_id, number, started, status_code, error, seconds * 1000, answer, job_id, self.instance)),
             ("UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
              " failed_at = ? WHERE job_id = ? AND owner = ?",
              (status, number, next_attempt_at, error, started if status == "failed" else None,
@@ -820,8 +821,8 @@ class SQLiteStore(Store):
             version = rows[0][0] if rows else 1
         _refuse_newer_schema(version)
         if version == 1:
-            for table in ("jobs", "deliveries"):
-                await writer.execute(f"ALTER TABLE {table} ADD COLUMN owner TEXT")
+            for table, column in (("jobs", "owner"), ("deliveries", "owner"), ("attempts", "response")):
+                await writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
         await writer.executescript(SCHEMA.format(real="REAL", bytes="BLOB", without_rowid=" WITHOUT ROWID",
                                                  owner_indexes=""))
         await writer.execute("INSERT OR REPLACE INTO settings (name, value) VALUES ('schema_version', ?)",
@@ -1613,6 +1614,7 @@ class Outcome:
     error: str | None
     retry_after: float | None = None
     final: bool = False  # no retry whatever the policy says (410 Gone, a blocked address)
+    answer: str | None = None  # the receiver's headers and first bytes, JSON, as the status shows them
 
     @property
     def success(self) -> bool:
@@ -1914,7 +1916,7 @@ class DeliveryEngine:
             try:
                 return await self._store.record_attempt(
                     delivery.job_id, number, started, seconds, outcome.status_code, outcome.error,
-                    status, next_attempt_at)
+                    status, next_attempt_at, outcome.answer)
             except Exception:
                 log.exception("could not store attempt %d of %s; trying again in %.1f s",
                               number, delivery.job_id, pause)
@@ -1936,8 +1938,7 @@ class DeliveryEngine:
             async with self._session.post(
                 target.url, data=delivery.payload, headers=headers, allow_redirects=False
             ) as response:
-                await _drain(response)
-                return _outcome_of(response, timestamp)
+                return _outcome_of(response, timestamp, await _answer(response))
         except asyncio.TimeoutError:
             return Outcome(None, f"timeout: no complete answer within {self._config.timeout:g}s")
         except aiohttp.ClientConnectorError as exc:
@@ -1978,31 +1979,46 @@ class BoundedConnector(aiohttp.TCPConnector):
         super()._release(key, protocol, should_close=should_close or idle >= self._max_idle)
 
 
-async def _drain(response: aiohttp.ClientResponse) -> None:
-    # Reading the answer lets the connection be reused; a receiver that sends more than this
-    # only gets its connection closed.
-    if response.content_length is not None and response.content_length <= MAX_BODY_BYTES:
-        await response.read()
-        return
-    received = 0
+# What is kept of each answer, headers and body each: enough for any error message a receiver
+# writes, and at 4 attempts a job a few KiB a failing job, where Svix's 20 KB or Convoy's 50 KB
+# would make the attempts the bulk of the database.
+ANSWER_BYTES = 2048
+
+
+async def _answer(response: aiohttp.ClientResponse) -> str:
+    """The receiver's answer as the status endpoint shows it: headers and first bytes, JSON."""
+    # Reading the answer lets the connection be reused; a receiver that sends more than
+    # MAX_BODY_BYTES only gets its connection closed.
+    kept, received = b"", 0
     async for chunk in response.content.iter_chunked(MAX_BODY_BYTES):
+        kept += chunk[: ANSWER_BYTES - len(kept)]
         received += len(chunk)
         if received > MAX_BODY_BYTES:
-            return
+            break
+    headers: dict[str, str] = {}
+    size = 0
+    for name, value in response.headers.items():
+        size += len(name) + len(value)
+        if size > ANSWER_BYTES:
+            break
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    body = kept.decode("utf-8", "replace")
+    return json.dumps({"headers": headers, "body": body, "truncated": received > len(kept) or size > ANSWER_BYTES},
+                      ensure_ascii=False)
 
 
-def _outcome_of(response: aiohttp.ClientResponse, now: float) -> Outcome:
+def _outcome_of(response: aiohttp.ClientResponse, now: float, answer: str) -> Outcome:
     code = response.status
     if is_success(code):
-        return Outcome(code, None)
+        return Outcome(code, None, answer=answer)
     if code == 410:
-        return Outcome(code, "HTTP 410 Gone: the receiver asked for no more deliveries", final=True)
+        return Outcome(code, "HTTP 410 Gone: the receiver asked for no more deliveries", final=True, answer=answer)
     retry_after = None
     if code in (429, 503):
         retry_after = parse_retry_after(response.headers.get("Retry-After"), now)
     if 300 <= code < 400:
-        return Outcome(code, f"HTTP {code}: redirects are not followed", retry_after)
-    return Outcome(code, f"HTTP {code}", retry_after)
+        return Outcome(code, f"HTTP {code}: redirects are not followed", retry_after, answer=answer)
+    return Outcome(code, f"HTTP {code}", retry_after, answer=answer)
 
 
 def _log_attempt(delivery: Delivery, number: int, outcome: Outcome, seconds: float, next_at: float | None) -> None:
@@ -2328,8 +2344,9 @@ async def webhook_status(request: web.Request) -> web.Response:
                 "success": is_success(code),
                 "error": error,
                 "duration_ms": round(duration_ms, 1),
+                **({"response": json.loads(answer)} if answer else {}),
             }
-            for number, at, code, error, duration_ms in attempts
+            for number, at, code, error, duration_ms, answer in attempts
         ],
     })
 
