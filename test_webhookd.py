@@ -898,6 +898,50 @@ async def test_bulk_redelivery_touches_exactly_what_failed_in_the_window(
 
 
 @both_stores
+async def test_the_job_list_filters_and_pages_newest_first(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=0))
+    ok, failing = await make_receiver(), await make_receiver(lambda arrival, n: web.Response(status=500))
+    plain = [(await submit(service, f"plain {n}"))["job_id"] for n in range(3)]
+    delivered = [(await submit(service, webhook_url=ok.url()))["job_id"] for _ in range(2)]
+    failed = (await submit(service, webhook_url=failing.url()))["job_id"]
+    for job_id in delivered:
+        await wait_for_status(service, job_id, "delivered")
+    await wait_for_status(service, failed, "failed")
+    for job_id in plain:
+        await wait_until(lambda: job_status(service, job_id, "completed"), "the plain jobs")
+    newest_first = [failed, *reversed(delivered), *reversed(plain)]
+
+    async def listed(query: str) -> tuple[int, dict[str, Any]]:
+        response = await service.get("/jobs" + query)
+        return response.status, await response.json()
+
+    _, page = await listed("")
+    assert [j["job_id"] for j in page["jobs"]] == newest_first and page["next"] is None
+    assert page["jobs"][0] | {"created_at": None, "completed_at": None} == {
+        "job_id": failed, "status": "completed", "created_at": None, "completed_at": None,
+        "webhook_url": failing.url(), "delivery_status": "failed", "attempts": 1, "last_error": "HTTP 500",
+        "next_attempt_at": None}
+    seen, cursor = [], ""
+    while True:
+        _, page = await listed(f"?limit=2{cursor}")
+        seen += [j["job_id"] for j in page["jobs"]]
+        if page["next"] is None:
+            break
+        cursor = f"&before={page['next']}"
+    assert seen == newest_first
+    _, page = await listed("?delivery_status=delivered&delivery_status=failed")
+    assert [j["job_id"] for j in page["jobs"]] == [failed, *reversed(delivered)]
+    _, page = await listed("?delivery_status=failed,delivered&status=completed&q=" + delivered[0][:30])
+    assert [j["job_id"] for j in page["jobs"]] == [delivered[0]]
+    for query, word in (("?status=done", "status"), ("?delivery_status=gone", "delivery_status"),
+                        ("?limit=0", "limit"), ("?before=xyz", "before"), ("?q=%3Cb%3E", "q")):
+        status, body = await listed(query)
+        assert status == 400 and word in body["error"], (query, body)
+
+
+@both_stores
 async def test_dead_letter_is_newest_first_and_limited(service: TestClient) -> None:
     url = f"http://127.0.0.1:{_closed_port()}/hook"
     ids = []

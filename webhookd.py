@@ -613,6 +613,31 @@ class Store:
         )
         return bool(rows)
 
+    async def list_jobs(self, statuses: Sequence[str], delivery_statuses: Sequence[str], prefix: str | None,
+                        before: str | None, limit: int) -> list[Row]:
+        """(job_id, status, created_at, completed_at, webhook_url, delivery_status, attempts,
+        last_error, next_attempt_at) of jobs newest first, filtered, below the id `before`."""
+        conditions, params = [], []
+        if statuses:
+            conditions.append(f"j.status IN ({','.join('?' * len(statuses))})")
+            params.extend(statuses)
+        if delivery_statuses:
+            conditions.append(f"{DELIVERY_STATUS} IN ({','.join('?' * len(delivery_statuses))})")
+            params.extend(delivery_statuses)
+        if prefix:  # a range, so that the primary key finds it
+            conditions.append("j.id >= ? AND j.id < ?")
+            params.extend((prefix, prefix + "~"))
+        if before:
+            conditions.append("j.id < ?")
+            params.append(before)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        return await self._fetch(
+            f"SELECT j.id, j.status, j.created_at, j.completed_at, j.webhook_url, {DELIVERY_STATUS},"
+            " coalesce(d.attempts, 0), d.last_error, d.next_attempt_at"
+            f" FROM jobs j LEFT JOIN deliveries d ON d.job_id = j.id{where} ORDER BY j.id DESC LIMIT ?",
+            (*params, limit),
+        )
+
     async def failed_between(self, since: float, until: float, limit: int) -> int:
         """How many deliveries became failed between `since` and `until` (at most `limit`)."""
         row = await self._fetch_one(
@@ -733,6 +758,10 @@ class Store:
             return
         for _, done in batch:
             _settle(done, None)
+
+
+# A job with a webhook and no delivery row yet is still running: its delivery is pending.
+DELIVERY_STATUS = "coalesce(d.status, CASE WHEN j.webhook_url IS NOT NULL THEN 'pending' END)"
 
 
 def _new_instance_id() -> str:
@@ -2390,6 +2419,58 @@ async def redeliver(request: web.Request) -> web.Response:
     return web.json_response({"job_id": job_id, "delivery_status": "pending"}, status=202)
 
 
+JOB_STATUSES = ("processing", "completed", "failed")
+DELIVERY_STATUSES = ("pending", "retrying", "delivered", "failed")
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """GET /jobs: jobs newest first, filtered by status, delivery status and id prefix, a page at a time."""
+    query = request.query
+    limit = _limit(query.get("limit", "50"))
+    rows = await request.app[STORE].list_jobs(
+        _choices(query, "status", JOB_STATUSES), _choices(query, "delivery_status", DELIVERY_STATUSES),
+        _prefix(query.get("q")), _cursor(query.get("before")), limit,
+    )
+    jobs = [
+        {"job_id": job_id, "status": status, "created_at": iso_time(created), "completed_at": iso_time(completed),
+         "webhook_url": url, "delivery_status": delivery, "attempts": attempts, "last_error": error,
+         "next_attempt_at": iso_time(next_at)}
+        for job_id, status, created, completed, url, delivery, attempts, error, next_at in rows
+    ]
+    more = len(rows) == limit
+    return web.json_response({"jobs": jobs, "next": _encode_cursor(jobs[-1]["job_id"]) if more else None})
+
+
+def _choices(query: Any, name: str, allowed: tuple[str, ...]) -> list[str]:
+    chosen = [value.strip() for given in query.getall(name, []) for value in given.split(",") if value.strip()]
+    wrong = [value for value in chosen if value not in allowed]
+    if wrong:
+        raise web.HTTPBadRequest(text=f"{name} {wrong[0]!r} is not one of {', '.join(allowed)}")
+    return chosen
+
+
+def _prefix(value: str | None) -> str | None:
+    if value is not None and not (value and len(value) <= 40 and value.isascii() and value.replace("-", "").isalnum()):
+        raise web.HTTPBadRequest(text="q must be a job id or the start of one (letters, digits and -)")
+    return value or None
+
+
+def _encode_cursor(job_id: str) -> str:
+    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
+
+
+def _cursor(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        job_id = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        job_id = ""
+    if not job_id.startswith("job-"):
+        raise web.HTTPBadRequest(text="before must be the 'next' of a previous page")
+    return job_id
+
+
 MAX_BULK_REDELIVERY = 10_000
 BULK_REDELIVERY_FIELDS = ("since", "until", "dry_run")
 
@@ -2778,6 +2859,7 @@ def create_app(config: Config) -> web.Application:
     app[REQUESTS_BY_CLIENT] = Counter()
     app.cleanup_ctx.append(_running)
     app.router.add_post("/predict", predict)
+    app.router.add_get("/jobs", list_jobs)
     app.router.add_get("/jobs/{job_id}", get_job)
     app.router.add_get("/webhooks/dead-letter", dead_letter)
     app.router.add_get("/webhooks/{job_id}/status", webhook_status)
