@@ -2559,6 +2559,59 @@ async def finished_jobs(db: str, count: int) -> bool:
     return await query(db, "SELECT count(*) FROM jobs WHERE status = 'completed'") == [(count,)]
 
 
+def test_the_openapi_description_is_valid_and_covers_every_route() -> None:
+    from openapi_spec_validator import validate
+
+    validate(webhookd.OPENAPI)
+    app = create_app(Config())
+    routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
+    described = {(method, path) for path, item in webhookd.OPENAPI["paths"].items() for method in item}
+    assert routes == described
+
+
+async def test_answers_match_the_openapi_description(
+    make_service: Callable[..., Any], receiver: Receiver
+) -> None:
+    from openapi_schema_validator import OAS31Validator
+
+    service = await make_service(api_key="k")
+    auth = {"Authorization": "Bearer k"}
+    spec = webhookd.OPENAPI
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(spec["components"]["schemas"][node["$ref"].rsplit("/", 1)[1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(item) for item in node] if isinstance(node, list) else node
+
+    async def check(method: str, path: str, template: str, **kwargs: Any) -> Any:
+        response = await service.request(method, path, headers=auth, **kwargs)
+        documented = spec["paths"][template][method.lower()]["responses"]
+        assert str(response.status) in documented, (path, response.status)
+        body = await response.json()
+        OAS31Validator(inline(documented[str(response.status)]["content"]["application/json"]["schema"])).validate(body)
+        return body
+
+    job_id = (await check("POST", "/predict", "/predict", json={"text": "great", "webhook_url": receiver.url()}))["job_id"]
+    await check("POST", "/predict", "/predict", json={"text": ""})
+    await wait_until(lambda: delivered(service, job_id, auth), "the delivery")
+    await check("GET", f"/jobs/{job_id}", "/jobs/{job_id}")
+    await check("GET", "/jobs/job-unknown", "/jobs/{job_id}")
+    await check("GET", f"/webhooks/{job_id}/status", "/webhooks/{job_id}/status")
+    await check("GET", "/jobs?limit=5", "/jobs")
+    await check("GET", "/webhooks/dead-letter", "/webhooks/dead-letter")
+    await check("POST", f"/webhooks/{job_id}/redeliver", "/webhooks/{job_id}/redeliver")
+    await check("POST", "/webhooks/redeliver", "/webhooks/redeliver", json={"since": "2026-01-01T00:00:00Z", "dry_run": True})
+    await check("GET", "/healthz", "/healthz")
+    assert (await service.get("/openapi.json")).status == 200  # no key needed
+
+
+async def delivered(client: TestClient, job_id: str, headers: dict[str, str]) -> bool:
+    response = await client.get(f"/webhooks/{job_id}/status", headers=headers)
+    return (await response.json())["delivery_status"] == "delivered"
+
+
 def test_config_reads_flags_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WEBHOOKD_WORKERS", "7")
     monkeypatch.setenv("WEBHOOKD_MAX_RETRIES", "5")

@@ -2596,7 +2596,7 @@ async def limit_per_client(request: web.Request, handler: Callable[[web.Request]
 async def require_api_key(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """With --api-key, every endpoint but /healthz needs Authorization: Bearer <key>."""
     api_key = request.app[CONFIG].api_key
-    if request.path == "/healthz":
+    if request.path in ("/healthz", "/openapi.json"):
         return await handler(request)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     # aiohttp decodes header bytes that are not UTF-8 as surrogates; encode them back the same way.
@@ -2845,6 +2845,159 @@ def _error_message(request: web.Request, exc: web.HTTPException) -> str:
 
 
 # ---------------------------------------------------------------------------
+# The OpenAPI description
+# ---------------------------------------------------------------------------
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    words = {400: "a bad request: the error says what to fix", 401: "missing or wrong API key",
+             404: "no such job (or it has no webhook)", 408: "the body did not arrive within --timeout",
+             409: "a round of attempts is under way", 413: "body over 64 KiB",
+             415: "not JSON, or a compressed body", 422: "the Idempotency-Key was used with another body",
+             429: "too many requests at once from this address",
+             503: "shedding load, or the database cannot be reached: try again after Retry-After"}
+    return {str(code): _json(_ref("Error"), words[code]) for code in (*codes, 401, 429, 503)}
+
+
+TIME = {"type": "string", "format": "date-time"}
+NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "webhookd", "version": __version__,
+             "description": "Runs a sentiment model on submitted text and tells the client by signed webhook."},
+    "components": {
+        "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
+                                       "description": "needed on every endpoint but /healthz and /openapi.json"
+                                                      " when webhookd runs with --api-key"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+            "PredictRequest": {
+                "type": "object", "required": ["text"], "additionalProperties": False,
+                "properties": {
+                    "text": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS},
+                    "webhook_url": {"type": "string", "format": "uri", "maxLength": MAX_URL_CHARS},
+                    "retry_policy": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {
+                            "max_retries": {"type": "integer", "minimum": 0, "maximum": 20},
+                            "backoff_base": {"type": "number", "minimum": 0.1, "maximum": 3600},
+                            "backoff_factor": {"type": "number", "minimum": 1, "maximum": 10},
+                        },
+                    },
+                },
+            },
+            "Accepted": {"type": "object", "required": ["job_id", "status", "webhook_registered"], "properties": {
+                "job_id": {"type": "string"}, "status": {"const": "processing"},
+                "webhook_registered": {"type": "boolean"}}},
+            "Result": {"type": ["object", "null"], "properties": {
+                "sentiment": {"enum": list(SENTIMENTS)}, "confidence": {"type": "number", "minimum": 0, "maximum": 1}}},
+            "Job": {"type": "object", "required": ["job_id", "status", "result", "error", "created_at",
+                                                   "completed_at", "webhook_url"], "properties": {
+                "job_id": {"type": "string"}, "status": {"enum": ["processing", "completed", "failed"]},
+                "result": _ref("Result"), "error": {"type": ["string", "null"]}, "created_at": TIME,
+                "completed_at": NULLABLE_TIME, "webhook_url": {"type": ["string", "null"]}}},
+            "JobList": {"type": "object", "required": ["jobs", "next"], "properties": {
+                "next": {"type": ["string", "null"]},
+                "jobs": {"type": "array", "items": {"type": "object", "properties": {
+                    "job_id": {"type": "string"}, "status": {"enum": ["processing", "completed", "failed"]},
+                    "created_at": TIME, "completed_at": NULLABLE_TIME, "webhook_url": {"type": ["string", "null"]},
+                    "delivery_status": {"enum": ["pending", "retrying", "delivered", "failed", None]},
+                    "attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]},
+                    "next_attempt_at": NULLABLE_TIME}}}}},
+            "Attempt": {"type": "object", "required": ["attempt", "timestamp", "status_code", "success", "error",
+                                                       "duration_ms"], "properties": {
+                "attempt": {"type": "integer", "minimum": 1}, "timestamp": TIME,
+                "status_code": {"type": ["integer", "null"]}, "success": {"type": "boolean"},
+                "error": {"type": ["string", "null"]}, "duration_ms": {"type": "number"},
+                "response": {"type": "object", "properties": {
+                    "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "body": {"type": "string"}, "truncated": {"type": "boolean"}}}}},
+            "WebhookStatus": {"type": "object", "required": ["job_id", "webhook_url", "delivery_status",
+                                                             "next_attempt_at", "attempts"], "properties": {
+                "job_id": {"type": "string"}, "webhook_url": {"type": "string"},
+                "delivery_status": {"enum": ["pending", "retrying", "delivered", "failed"]},
+                "next_attempt_at": NULLABLE_TIME, "attempts": {"type": "array", "items": _ref("Attempt")}}},
+            "DeadLetter": {"type": "object", "required": ["deliveries"], "properties": {
+                "deliveries": {"type": "array", "items": {"type": "object", "properties": {
+                    "job_id": {"type": "string"}, "webhook_url": {"type": "string"}, "attempts": {"type": "integer"},
+                    "last_error": {"type": ["string", "null"]}, "failed_at": TIME}}}}},
+            "BulkRedelivery": {"type": "object", "required": ["since"], "additionalProperties": False,
+                               "properties": {"since": TIME, "until": NULLABLE_TIME, "dry_run": {"type": "boolean"}}},
+            "Health": {"type": "object", "required": ["status", "instance"], "properties": {
+                "status": {"const": "ok"}, "instance": {"type": "string"}, "version": {"type": "string"},
+                "queue_depth": {"type": "integer"}}},
+        },
+    },
+    "security": [{}, {"apiKey": []}],
+    "paths": {
+        "/predict": {"post": {
+            "summary": "Submit a text; its result arrives by webhook",
+            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_CHARS}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("PredictRequest")}}},
+            "responses": {"202": _json(_ref("Accepted"), "committed, and queued for the model"),
+                          **_errors(400, 408, 413, 415, 422)}}},
+        "/jobs": {"get": {
+            "summary": "Jobs, newest first, filtered, a page at a time",
+            "parameters": [
+                {"name": "status", "in": "query", "schema": {"type": "string"}, "description": "repeat or a,b"},
+                {"name": "delivery_status", "in": "query", "schema": {"type": "string"}},
+                {"name": "q", "in": "query", "schema": {"type": "string"}, "description": "a job id or its start"},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                {"name": "before", "in": "query", "schema": {"type": "string"}, "description": "the last page's next"}],
+            "responses": {"200": _json(_ref("JobList"), "a page of jobs"), **_errors(400)}}},
+        "/jobs/{job_id}": {"get": {
+            "summary": "A job, its status and result", "parameters": [JOB_ID],
+            "responses": {"200": _json(_ref("Job"), "the job"), **_errors(404)}}},
+        "/webhooks/{job_id}/status": {"get": {
+            "summary": "A job's delivery and every attempt", "parameters": [JOB_ID],
+            "responses": {"200": _json(_ref("WebhookStatus"), "the delivery"), **_errors(404)}}},
+        "/webhooks/dead-letter": {"get": {
+            "summary": "Deliveries that failed for good, newest first",
+            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+            "responses": {"200": _json(_ref("DeadLetter"), "the dead letter"), **_errors(400)}}},
+        "/webhooks/{job_id}/redeliver": {"post": {
+            "summary": "A new round of attempts for a finished delivery", "parameters": [JOB_ID],
+            "responses": {"202": _json({"type": "object", "properties": {
+                "job_id": {"type": "string"}, "delivery_status": {"const": "pending"}}}, "a round started"),
+                **_errors(404, 409)}}},
+        "/webhooks/redeliver": {"post": {
+            "summary": "A new round for every delivery that failed in a window",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("BulkRedelivery")}}},
+            "responses": {
+                "200": _json({"type": "object", "properties": {"would_redeliver": {"type": "integer"}}}, "dry run"),
+                "202": _json({"type": "object", "properties": {"redelivered": {"type": "integer"}}}, "rounds started"),
+                **_errors(400, 408, 413, 415)}}},
+        "/healthz": {"get": {
+            "summary": "Ready: 200; 503 naming what is wrong", "security": [{}],
+            "responses": {"200": _json(_ref("Health"), "serving"), "503": _json(_ref("Error"), "not serving")}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus text format",
+            "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                          **_errors()}}},
+        "/openapi.json": {"get": {
+            "summary": "This description", "security": [{}],
+            "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
+    },
+}
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /openapi.json: the OpenAPI 3.1 description of every endpoint."""
+    return web.json_response(OPENAPI)
+
+
+# ---------------------------------------------------------------------------
 # The application
 # ---------------------------------------------------------------------------
 
@@ -2867,6 +3020,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_post("/webhooks/redeliver", redeliver_failed)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     return app
 
 
