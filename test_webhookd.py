@@ -40,6 +40,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import schemathesis
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -1913,6 +1914,153 @@ async def test_a_webhookd_1_0_database_is_upgraded_and_its_work_resumed(
     for job_id in ("job-old-queued", "job-old-delivery"):
         await wait_for_status(service, job_id, "delivered")
     assert await query(config.db, "SELECT value FROM settings WHERE name = 'schema_version'") == [("2",)]
+
+
+# ---------------------------------------------------------------------------
+# The Recent Deliveries page, in a real headless Chromium
+# ---------------------------------------------------------------------------
+
+CHROMIUM_MISSING = ("the page tests need Chromium: apt-get install chromium chromium-driver"
+                    " (.ci/run installs them when they are missing)")
+
+
+@pytest.fixture
+async def browser() -> Any:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail(CHROMIUM_MISSING)
+        pytest.skip(CHROMIUM_MISSING)
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        # The flags keep Chromium off the network it would otherwise call home on.
+        launched = await playwright.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield launched
+        await launched.close()
+
+
+async def open_page(browser: Any, client: TestClient, path: str = "/") -> Any:
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    page.set_default_timeout(DEADLINE * 1000)
+    await page.goto(str(client.make_url(path)))
+    return page
+
+
+async def test_the_page_lists_filters_and_shows_every_attempt_and_redelivers(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], browser: Any
+) -> None:
+    service = await make_service()
+    receiver = await make_receiver(answer_status(500))
+    delivered = (await submit(service, "I love it", webhook_url=receiver.url()))["job_id"]
+    plain = (await submit(service, "no webhook here"))["job_id"]
+    await wait_for_status(service, delivered, "delivered")
+    page = await open_page(browser, service, "/ui")
+    await page.get_by_role("button", name="Show " + plain).wait_for()
+    await page.get_by_role("button", name="delivered", exact=True).click()  # the filter chip
+    await page.get_by_role("button", name="Show " + plain).wait_for(state="detached")
+    await page.get_by_role("button", name="Show " + delivered).click()
+    detail = page.locator("#detail")
+    await detail.get_by_text("HTTP 500 in").wait_for()
+    await detail.get_by_text("HTTP 200 in").wait_for()
+    assert await detail.locator("ol > li").count() == 2
+    assert "webhook-signature: v1," in await detail.text_content()
+    if os.environ.get("WEBHOOKD_SCREENSHOT"):
+        await page.screenshot(path=os.environ["WEBHOOKD_SCREENSHOT"], full_page=True)
+    await detail.get_by_role("button", name="Redeliver").click()
+    await detail.locator("ol > li").nth(2).wait_for()  # (the page's CSP allows no eval'd test code)
+    assert len(receiver.arrivals) == 3
+
+
+async def test_redeliver_all_failed_since_touches_what_it_announced(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], browser: Any
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=0))
+    up = asyncio.Event()
+    receiver = await make_receiver(fails_until(up))
+    failed = [(await submit(service, webhook_url=receiver.url()))["job_id"] for _ in range(2)]
+    for job_id in failed:
+        await wait_for_status(service, job_id, "failed")
+    page = await open_page(browser, service)
+    await page.get_by_label("Redeliver all failed since").fill("2020-01-01T00:00")
+    await page.get_by_role("button", name="Count").click()
+    await page.get_by_text("2 failed deliveries would get a new round.").wait_for()
+    assert len(receiver.arrivals) == 2  # counting changed nothing
+    up.set()
+    await page.get_by_role("button", name="Redeliver them").click()
+    await page.get_by_text("2 deliveries got a new round.").wait_for()
+    for job_id in failed:
+        await wait_for_status(service, job_id, "delivered")
+    assert len(receiver.arrivals) == 4
+
+
+async def test_the_page_asks_for_the_api_key_once(make_service: Callable[..., Any], browser: Any) -> None:
+    service = await make_service(api_key="s3cret-key")
+    job_id = (await service.post("/predict", json={"text": "hi"}, headers={"Authorization": "Bearer s3cret-key"}))
+    job_id = (await job_id.json())["job_id"]
+    page = await open_page(browser, service)
+    await page.get_by_label("This webhookd needs its API key:").fill("s3cret-key")
+    await page.get_by_role("button", name="Use key").click()
+    await page.get_by_role("button", name="Show " + job_id).wait_for()
+    assert await page.evaluate("sessionStorage.getItem('webhookd-key')") == "s3cret-key"
+    assert "s3cret-key" not in await (await service.get("/")).text()  # the page itself carries no key
+
+
+async def test_a_script_in_an_answer_or_a_url_shows_as_text_and_never_runs(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], browser: Any
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=0))
+    attack = "<script>window.pwned=1</script><img src=x onerror=window.pwned=2>"
+    receiver = await make_receiver(lambda arrival, n: web.Response(status=400, text=attack))
+    url = f"http://127.0.0.1:{receiver.server.port}/hook/<script>window.pwned=3</script>"
+    job_id = (await submit(service, webhook_url=url))["job_id"]
+    await wait_for_status(service, job_id, "failed")
+    page = await open_page(browser, service)
+    await page.get_by_role("button", name="Show " + job_id).first.click()
+    await page.locator("#detail").get_by_text(attack).wait_for()
+    await page.get_by_text("/hook/<script>window.pwned=3</script>").first.wait_for()
+    assert await page.evaluate("window.pwned") is None
+    headers = (await service.get("/")).headers["Content-Security-Policy"]
+    assert "default-src 'none'" in headers and "unsafe-inline" not in headers
+
+
+async def test_a_page_on_another_site_cannot_make_a_browser_redeliver(service: TestClient) -> None:
+    job_id = (await submit(service))["job_id"]
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        response = await service.post(f"/webhooks/{job_id}/redeliver", headers=headers)
+        assert response.status == 403
+    same = await service.post("/predict", json={"text": "hi"}, headers={"Origin": str(service.make_url("")).rstrip("/")})
+    assert same.status == 202
+
+
+@pytest.fixture(scope="module")
+def live_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "webhookd.py"), "--port", "0", "--db", str(tmp_path_factory.mktemp("live") / "l.db"),
+         "--secret", SECRET, "--allow-private-urls", "--log-level", "error"],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")},
+    )
+    yield ServiceProcess.wait_for_url(process)
+    process.terminate()
+    _, stderr = process.communicate(timeout=DEADLINE)
+    assert "Traceback" not in stderr, stderr
+
+
+@pytest.mark.parametrize("operation", [result.ok() for result in
+                                       schemathesis.openapi.from_dict(webhookd.OPENAPI).get_all_operations()],
+                         ids=lambda operation: operation.label)
+def test_every_operation_answers_as_described_and_never_with_a_5xx(operation: Any, live_service: str) -> None:
+    @given(case=operation.as_strategy())
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+    def call(case: Any) -> None:
+        # Every check but that each schema-valid request is accepted: a valid URL may still be one
+        # no webhook can reach (a private address, a bad host), which the schema cannot say.
+        case.call_and_validate(base_url=live_service, excluded_checks=[schemathesis.checks.positive_data_acceptance])
+
+    call()
 
 
 # ---------------------------------------------------------------------------

@@ -103,7 +103,9 @@ class Bound(NamedTuple):
 
     def admits(self, value: Any) -> bool:
         """Whether value is a number of the right kind within the bounds."""
-        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not (isinstance(value, int) or value.is_integer()):  # 8.0 is 8, as in JSON Schema
             return False
         # Only comparisons: NaN fails them all, and a huge int compares without overflowing.
         return (self.low <= value if self.low_included else self.low < value) and value <= self.high
@@ -563,6 +565,11 @@ class Store:
             " LEFT JOIN deliveries d ON d.job_id = j.id WHERE j.id = ?",
             (job_id,),
         )
+
+    async def payload(self, job_id: str) -> bytes | None:
+        """The webhook body of a job's delivery, as every attempt sends it."""
+        row = await self._fetch_one("SELECT payload FROM deliveries WHERE job_id = ?", (job_id,))
+        return bytes(row[0]) if row else None
 
     async def attempts(self, job_id: str) -> list[Row]:
         """(attempt, at, status_code, error, duration_ms, response JSON) of every attempt, in order."""
@@ -1355,10 +1362,12 @@ class Metrics:
                                            300.0, 1800.0, 3600.0, 21600.0, 86400.0))
         self._receivers: set[str] = set()
         self.shed = 0
+        self.accepted = 0
 
     def job_accepted(self) -> None:
         """Count a job committed as processing."""
         self.jobs["processing"] += 1
+        self.accepted += 1
 
     def job_finished(self, failed: bool) -> None:
         """Move a job from processing to completed or failed."""
@@ -2317,6 +2326,7 @@ METRICS = web.AppKey("metrics", Metrics)
 LOOPS = web.AppKey("loops", Loops)
 FENCE = web.AppKey("fence", Fence)
 REQUESTS_BY_CLIENT = web.AppKey("requests_by_client", Counter[str])
+SIGNER = web.AppKey("signer", Signer)
 IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict[str, asyncio.Future[None]])
 
 
@@ -2593,10 +2603,22 @@ async def limit_per_client(request: web.Request, handler: Callable[[web.Request]
 
 
 @web.middleware
+async def refuse_cross_site_writes(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """A POST that a browser sends for another site's page is refused, so that a page elsewhere
+    cannot make a browser on the operator's machine redeliver, or submit jobs, even without --api-key."""
+    origin = request.headers.get("Origin")
+    cross_site = request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site") or (
+        origin is not None and origin != f"{request.scheme}://{request.host}")
+    if request.method == "POST" and cross_site:
+        raise web.HTTPForbidden(text="a request from another site's page is refused")
+    return await handler(request)
+
+
+@web.middleware
 async def require_api_key(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """With --api-key, every endpoint but /healthz needs Authorization: Bearer <key>."""
     api_key = request.app[CONFIG].api_key
-    if request.path in ("/healthz", "/openapi.json"):
+    if request.path in ("/healthz", "/openapi.json", "/", "/ui"):
         return await handler(request)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     # aiohttp decodes header bytes that are not UTF-8 as surrogates; encode them back the same way.
@@ -2690,7 +2712,7 @@ def _retry_policy(value: Any) -> dict[str, Any] | None:
             )
         if not RETRY_POLICY_BOUNDS[name].admits(number):
             raise web.HTTPBadRequest(text=f"retry_policy.{name} must be {RETRY_POLICY_BOUNDS[name]}")
-    return value or None
+    return {name: int(number) if RETRY_POLICY_BOUNDS[name].integer else number for name, number in value.items()} or None
 
 
 def _require_unicode(name: str, value: str) -> None:
@@ -2845,6 +2867,353 @@ def _error_message(request: web.Request, exc: web.HTTPException) -> str:
 
 
 # ---------------------------------------------------------------------------
+# The page: Recent Deliveries
+# ---------------------------------------------------------------------------
+
+# Everything it shows comes from the API, as text (textContent), never as HTML.
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>webhookd: recent deliveries</title>
+<style>
+:root { font: 14px/1.4 system-ui, sans-serif; color: #1d232b; background: #f6f7f9; }
+body { margin: 0; }
+header, main { max-width: 1200px; margin: 0 auto; padding: 12px 16px; }
+h1 { font-size: 18px; margin: 0 0 8px; }
+h2 { font-size: 15px; margin: 16px 0 8px; }
+.counters { display: flex; flex-wrap: wrap; gap: 8px; }
+.counter { background: #fff; border: 1px solid #d8dce2; border-radius: 6px; padding: 6px 10px; min-width: 120px; }
+.counter b { display: block; font-size: 18px; }
+.counter svg { display: block; width: 110px; height: 24px; }
+.counter polyline { fill: none; stroke: #2f6fdb; stroke-width: 1.5; }
+.controls { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; margin: 12px 0; }
+button, input { font: inherit; }
+button { border: 1px solid #b9c0ca; background: #fff; border-radius: 14px; padding: 3px 10px; cursor: pointer; }
+button[aria-pressed="true"] { background: #2f6fdb; border-color: #2f6fdb; color: #fff; }
+button:disabled { opacity: .5; cursor: not-allowed; }
+button:focus-visible, input:focus-visible { outline: 2px solid #f0a020; outline-offset: 1px; }
+input { border: 1px solid #b9c0ca; border-radius: 4px; padding: 3px 6px; }
+.layout { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 16px; }
+@media (max-width: 800px) { .layout { grid-template-columns: 1fr; } }
+table { width: 100%; border-collapse: collapse; background: #fff; }
+th, td { text-align: left; padding: 5px 6px; border-bottom: 1px solid #e6e9ee; overflow-wrap: anywhere; }
+tr.selected td { background: #eaf1fd; }
+td button { border-radius: 4px; font-family: ui-monospace, monospace; font-size: 12px; }
+td[class^="status-"] { white-space: nowrap; }
+.status-delivered, .status-completed { color: #17803d; }
+.status-failed { color: #c22; }
+.status-retrying, .status-pending, .status-processing { color: #9a6700; }
+#detail { background: #fff; border: 1px solid #d8dce2; border-radius: 6px; padding: 10px 12px; }
+#detail ol { padding-left: 20px; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f1f3f6; padding: 6px; border-radius: 4px; font-size: 12px; max-height: 220px; overflow: auto; }
+.muted { color: #5d6673; }
+#key-form { background: #fff3cd; border: 1px solid #e0c36a; padding: 10px; border-radius: 6px; }
+[hidden] { display: none !important; }
+</style>
+</head>
+<body>
+<header>
+  <h1>webhookd: recent deliveries</h1>
+  <form id="key-form" hidden>
+    <label for="key">This webhookd needs its API key:</label>
+    <input id="key" type="password" autocomplete="off" required>
+    <button type="submit">Use key</button>
+  </form>
+  <div class="counters" id="counters" aria-live="polite"></div>
+</header>
+<main>
+  <div class="controls" role="group" aria-label="Filter by status">
+    <span class="muted">Delivery:</span>
+    <button type="button" data-filter="delivery_status" data-value="delivered" aria-pressed="false">delivered</button>
+    <button type="button" data-filter="delivery_status" data-value="retrying" aria-pressed="false">retrying</button>
+    <button type="button" data-filter="delivery_status" data-value="pending" aria-pressed="false">pending</button>
+    <button type="button" data-filter="delivery_status" data-value="failed" aria-pressed="false">failed</button>
+    <span class="muted">Job:</span>
+    <button type="button" data-filter="status" data-value="completed" aria-pressed="false">completed</button>
+    <button type="button" data-filter="status" data-value="failed" aria-pressed="false">failed</button>
+    <label for="search" class="muted">Job id</label>
+    <input id="search" type="search" placeholder="job-01a2…" spellcheck="false">
+  </div>
+  <div class="layout">
+    <section aria-label="Jobs">
+      <table>
+        <thead><tr><th>Job</th><th>Job status</th><th>Delivery</th><th>Attempts</th><th>Last error</th><th>Created</th></tr></thead>
+        <tbody id="jobs"></tbody>
+      </table>
+      <p><button type="button" id="more">Load more</button> <span id="list-note" class="muted"></span></p>
+      <h2>Dead letter</h2>
+      <div class="controls">
+        <label for="since">Redeliver all failed since</label>
+        <input id="since" type="datetime-local">
+        <button type="button" id="count-failed">Count</button>
+        <button type="button" id="redeliver-all" disabled>Redeliver them</button>
+        <span id="bulk-note" class="muted" aria-live="polite"></span>
+      </div>
+      <table>
+        <thead><tr><th>Job</th><th>Webhook URL</th><th>Attempts</th><th>Last error</th><th>Failed at</th></tr></thead>
+        <tbody id="dead"></tbody>
+      </table>
+    </section>
+    <section id="detail" aria-live="polite"><p class="muted">Choose a job to see its delivery.</p></section>
+  </div>
+</main>
+<script>
+"use strict";
+const state = { filters: { status: new Set(), delivery_status: new Set() }, q: "", shown: 50, selected: null, history: [] };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, attributes = {}) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  return node;
+}
+
+async function api(path, options = {}) {
+  const headers = { "Content-Type": "application/json", ...(options.headers || {}) };
+  const key = sessionStorage.getItem("webhookd-key");
+  if (key) headers.Authorization = "Bearer " + key;
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) { $("key-form").hidden = false; throw new Error("the API key is needed"); }
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function listQuery() {
+  const params = new URLSearchParams({ limit: String(state.shown) });
+  for (const [name, values] of Object.entries(state.filters)) if (values.size) params.set(name, [...values].join(","));
+  if (state.q) params.set("q", state.q);
+  return "/jobs?" + params;
+}
+
+async function refreshList() {
+  const page = await api(listQuery());
+  const rows = page.jobs.map(jobRow);
+  $("jobs").replaceChildren(...rows);
+  $("more").disabled = !page.next;
+  $("list-note").textContent = page.jobs.length ? "" : "No job matches.";
+}
+
+function jobRow(job) {
+  const row = el("tr");
+  if (job.job_id === state.selected) row.className = "selected";
+  const open = el("button", job.job_id, { type: "button", "aria-label": "Show " + job.job_id });
+  open.addEventListener("click", () => select(job.job_id));
+  const first = el("td"); first.append(open);
+  row.append(first, el("td", job.status, { class: "status-" + job.status }),
+    el("td", job.delivery_status || "no webhook", { class: "status-" + (job.delivery_status || "none") }),
+    el("td", job.attempts), el("td", job.last_error || ""), el("td", job.created_at));
+  return row;
+}
+
+async function select(jobId) {
+  state.selected = jobId;
+  await Promise.all([refreshList(), refreshDetail()]);
+}
+
+async function refreshDetail() {
+  const jobId = state.selected;
+  if (!jobId) return;
+  const job = await api("/jobs/" + encodeURIComponent(jobId));
+  const panel = [el("h2", jobId), el("p", "Job " + job.status + (job.error ? ": " + job.error : ""))];
+  if (job.result) panel.push(el("p", "Result: " + job.result.sentiment + ", confidence " + job.result.confidence));
+  if (!job.webhook_url) { $("detail").replaceChildren(...panel, el("p", "No webhook URL.")); return; }
+  const [delivery, sent] = await Promise.all([
+    api("/webhooks/" + encodeURIComponent(jobId) + "/status"),
+    api("/webhooks/" + encodeURIComponent(jobId) + "/request"),
+  ]);
+  panel.push(el("p", "To " + delivery.webhook_url), el("p", "Delivery " + delivery.delivery_status +
+    (delivery.next_attempt_at ? "; next attempt at " + delivery.next_attempt_at : "")));
+  panel.push(redeliverButton(jobId, delivery.delivery_status), el("h2", "Attempts"), attemptList(delivery.attempts, sent));
+  panel.push(el("h2", "Body sent (the same bytes on every attempt)"), el("pre", sent.body));
+  $("detail").replaceChildren(...panel);
+}
+
+function redeliverButton(jobId, status) {
+  const underWay = status === "pending" || status === "retrying";
+  const button = el("button", "Redeliver", { type: "button" });
+  button.disabled = underWay;
+  const note = el("span", underWay ? " A round of attempts is under way (" + status + ")." : "", { class: "muted" });
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try { await api("/webhooks/" + encodeURIComponent(jobId) + "/redeliver", { method: "POST" }); }
+    catch (error) { note.textContent = " " + error.message; }
+    await refreshDetail();
+  });
+  const line = el("p"); line.append(button, note);
+  return line;
+}
+
+function attemptList(attempts, sent) {
+  if (!attempts.length) return el("p", "No attempt yet.", { class: "muted" });
+  const list = el("ol");
+  attempts.forEach((attempt, index) => {
+    const item = el("li");
+    const outcome = attempt.status_code ? "HTTP " + attempt.status_code : attempt.error;
+    item.append(el("div", attempt.timestamp + ": " + outcome + " in " + attempt.duration_ms + " ms" +
+      (attempt.success ? ", delivered" : "")));
+    const next = attempts[index + 1];
+    if (next) item.append(el("div", "then waited " + ((Date.parse(next.timestamp) - Date.parse(attempt.timestamp)) / 1000).toFixed(1) + " s", { class: "muted" }));
+    if (attempt.error && attempt.error !== "HTTP " + attempt.status_code) item.append(el("div", attempt.error));
+    const headers = (sent.attempts.find((a) => a.attempt === attempt.attempt) || {}).headers;
+    if (headers) item.append(el("div", "Request headers", { class: "muted" }), el("pre", formatHeaders(headers)));
+    if (attempt.response) {
+      item.append(el("div", "Answer" + (attempt.response.truncated ? " (first bytes)" : ""), { class: "muted" }),
+        el("pre", formatHeaders(attempt.response.headers) + "\\n\\n" + attempt.response.body));
+    }
+    list.append(item);
+  });
+  return list;
+}
+
+function formatHeaders(headers) {
+  return Object.entries(headers).map(([name, value]) => name + ": " + value).join("\\n");
+}
+
+async function refreshDeadLetter() {
+  const page = await api("/webhooks/dead-letter?limit=50");
+  $("dead").replaceChildren(...page.deliveries.map((d) => {
+    const row = el("tr");
+    const open = el("button", d.job_id, { type: "button", "aria-label": "Show " + d.job_id });
+    open.addEventListener("click", () => select(d.job_id));
+    const first = el("td"); first.append(open);
+    row.append(first, el("td", d.webhook_url), el("td", d.attempts), el("td", d.last_error || ""), el("td", d.failed_at));
+    return row;
+  }));
+}
+
+function bulkBody(dryRun) {
+  const since = $("since").value;
+  return JSON.stringify({ since: new Date(since).toISOString(), dry_run: dryRun });
+}
+
+async function countFailed() {
+  if (!$("since").value) { $("bulk-note").textContent = "Choose a time first."; return; }
+  const answer = await api("/webhooks/redeliver", { method: "POST", body: bulkBody(true) });
+  $("bulk-note").textContent = answer.would_redeliver + " failed deliveries would get a new round.";
+  $("redeliver-all").disabled = answer.would_redeliver === 0;
+}
+
+async function redeliverAll() {
+  $("redeliver-all").disabled = true;
+  const answer = await api("/webhooks/redeliver", { method: "POST", body: bulkBody(false) });
+  $("bulk-note").textContent = answer.redelivered + " deliveries got a new round.";
+  await refreshDeadLetter();
+}
+
+const COUNTERS = [["accepted", "jobs accepted/s"], ["delivered", "deliveries/s"],
+  ["failed_attempts", "failed attempts/s"], ["dead_letter", "dead letters"], ["queue_depth", "queue depth"]];
+
+async function refreshCounters() {
+  const stats = await api("/stats");
+  const previous = state.history[state.history.length - 1];
+  state.history.push({ at: Date.now(), stats });
+  state.history = state.history.slice(-60);
+  const boxes = COUNTERS.map(([name, label]) => {
+    const rate = name !== "dead_letter" && name !== "queue_depth";
+    const points = state.history.slice(1).map((entry, i) => rate
+      ? (entry.stats[name] - state.history[i].stats[name]) / Math.max(0.001, (entry.at - state.history[i].at) / 1000)
+      : entry.stats[name]);
+    const value = rate ? (previous ? points[points.length - 1] : 0) : stats[name];
+    const box = el("div", null, { class: "counter" });
+    box.append(el("b", rate ? value.toFixed(1) : value), el("span", label), sparkline(points));
+    return box;
+  });
+  $("counters").replaceChildren(...boxes);
+}
+
+function sparkline(points) {
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", "0 0 110 24");
+  svg.setAttribute("aria-hidden", "true");
+  const top = Math.max(1, ...points);
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", points.map((p, i) => (i * 110 / 59).toFixed(1) + "," + (23 - p / top * 22).toFixed(1)).join(" "));
+  svg.append(line);
+  return svg;
+}
+
+async function refreshAll() {
+  try { await Promise.all([refreshList(), refreshDetail(), refreshDeadLetter(), refreshCounters()]); }
+  catch (error) { $("list-note").textContent = error.message; }
+}
+
+for (const chip of document.querySelectorAll("[data-filter]")) {
+  chip.addEventListener("click", () => {
+    const values = state.filters[chip.dataset.filter];
+    const on = !values.has(chip.dataset.value);
+    on ? values.add(chip.dataset.value) : values.delete(chip.dataset.value);
+    chip.setAttribute("aria-pressed", String(on));
+    state.shown = 50;
+    refreshList().catch((error) => { $("list-note").textContent = error.message; });
+  });
+}
+$("search").addEventListener("input", () => { state.q = $("search").value.trim(); state.shown = 50; refreshList().catch(() => {}); });
+$("more").addEventListener("click", () => { state.shown = Math.min(1000, state.shown + 50); refreshList(); });
+$("count-failed").addEventListener("click", () => countFailed().catch((error) => { $("bulk-note").textContent = error.message; }));
+$("redeliver-all").addEventListener("click", () => redeliverAll().catch((error) => { $("bulk-note").textContent = error.message; }));
+$("since").addEventListener("input", () => { $("redeliver-all").disabled = true; $("bulk-note").textContent = ""; });
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem("webhookd-key", $("key").value);
+  $("key-form").hidden = true;
+  refreshAll();
+});
+refreshAll();
+setInterval(refreshAll, 3000);
+</script>
+</body>
+</html>
+"""
+
+
+def _page_policy(page: str) -> str:
+    # Only this page's own script and style run: no other inline code, nothing from elsewhere.
+    def digest(tag: str) -> str:
+        code = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+        return "'sha256-" + base64.b64encode(hashlib.sha256(code.encode()).digest()).decode() + "'"
+
+    return (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')};"
+            " connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+PAGE_HEADERS = {"Content-Security-Policy": _page_policy(PAGE), "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+async def page(request: web.Request) -> web.Response:
+    """GET / and /ui: the Recent Deliveries page; it carries no data and no key."""
+    return web.Response(text=PAGE, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+
+
+async def stats(request: web.Request) -> web.Response:
+    """GET /stats: the counters the page charts, since start-up."""
+    app = request.app
+    metrics = app[METRICS]
+    return web.json_response({
+        "accepted": metrics.accepted, "delivered": metrics.finished["delivered"],
+        "failed_attempts": sum(n for outcome, n in metrics.attempts.items() if outcome != "success"),
+        "dead_letter": metrics.dead_letter, "queue_depth": app[WORKERS].depth,
+    })
+
+
+async def request_sent(request: web.Request) -> web.Response:
+    """GET /webhooks/{job_id}/request: the body every attempt sent, and each attempt's headers."""
+    job_id = request.match_info["job_id"]
+    store = request.app[STORE]
+    payload = await store.payload(job_id)
+    if payload is None:
+        raise web.HTTPNotFound(text=f"job {job_id!r} has no delivery yet")
+    signer = request.app[SIGNER]
+    attempts = [{"attempt": number, "headers": {"User-Agent": USER_AGENT, **signer.headers(job_id, payload, number, int(at))}}
+                for number, at, *_ in await store.attempts(job_id)]
+    return web.json_response({"job_id": job_id, "body": payload.decode("utf-8", "replace"), "attempts": attempts})
+
+
+# ---------------------------------------------------------------------------
 # The OpenAPI description
 # ---------------------------------------------------------------------------
 
@@ -2858,7 +3227,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    words = {400: "a bad request: the error says what to fix", 401: "missing or wrong API key",
+    words = {400: "a bad request: the error says what to fix", 401: "missing or wrong API key", 403: "sent for another site's page",
              404: "no such job (or it has no webhook)", 408: "the body did not arrive within --timeout",
              409: "a round of attempts is under way", 413: "body over 64 KiB",
              415: "not JSON, or a compressed body", 422: "the Idempotency-Key was used with another body",
@@ -2946,7 +3315,7 @@ OPENAPI: dict[str, Any] = {
                             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_CHARS}}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("PredictRequest")}}},
             "responses": {"202": _json(_ref("Accepted"), "committed, and queued for the model"),
-                          **_errors(400, 408, 413, 415, 422)}}},
+                          **_errors(400, 403, 408, 413, 415, 422)}}},
         "/jobs": {"get": {
             "summary": "Jobs, newest first, filtered, a page at a time",
             "parameters": [
@@ -2970,14 +3339,14 @@ OPENAPI: dict[str, Any] = {
             "summary": "A new round of attempts for a finished delivery", "parameters": [JOB_ID],
             "responses": {"202": _json({"type": "object", "properties": {
                 "job_id": {"type": "string"}, "delivery_status": {"const": "pending"}}}, "a round started"),
-                **_errors(404, 409)}}},
+                **_errors(403, 404, 409)}}},
         "/webhooks/redeliver": {"post": {
             "summary": "A new round for every delivery that failed in a window",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("BulkRedelivery")}}},
             "responses": {
                 "200": _json({"type": "object", "properties": {"would_redeliver": {"type": "integer"}}}, "dry run"),
                 "202": _json({"type": "object", "properties": {"redelivered": {"type": "integer"}}}, "rounds started"),
-                **_errors(400, 408, 413, 415)}}},
+                **_errors(400, 403, 408, 413, 415)}}},
         "/healthz": {"get": {
             "summary": "Ready: 200; 503 naming what is wrong", "security": [{}],
             "responses": {"200": _json(_ref("Health"), "serving"), "503": _json(_ref("Error"), "not serving")}}},
@@ -2985,6 +3354,26 @@ OPENAPI: dict[str, Any] = {
             "summary": "Prometheus text format",
             "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
                           **_errors()}}},
+        "/webhooks/{job_id}/request": {"get": {
+            "summary": "The body every attempt sent, and each attempt's headers (signatures, never the secret)",
+            "parameters": [JOB_ID],
+            "responses": {"200": _json({"type": "object", "required": ["job_id", "body", "attempts"], "properties": {
+                "job_id": {"type": "string"}, "body": {"type": "string"},
+                "attempts": {"type": "array", "items": {"type": "object", "properties": {
+                    "attempt": {"type": "integer"},
+                    "headers": {"type": "object", "additionalProperties": {"type": "string"}}}}}}},
+                "what was sent"), **_errors(404)}}},
+        "/stats": {"get": {
+            "summary": "Counters since start-up, for the page's chart",
+            "responses": {"200": _json({"type": "object", "properties": {
+                name: {"type": "integer"} for name in ("accepted", "delivered", "failed_attempts", "dead_letter",
+                                                       "queue_depth")}}, "the counters"), **_errors()}}},
+        "/": {"get": {
+            "summary": "The Recent Deliveries page (no data in it, no key needed)", "security": [{}],
+            "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/ui": {"get": {
+            "summary": "The same page", "security": [{}],
+            "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {
             "summary": "This description", "security": [{}],
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
@@ -3004,7 +3393,8 @@ async def openapi(request: web.Request) -> web.Response:
 
 def create_app(config: Config) -> web.Application:
     """The webhookd application: routes, middleware, and the workers that start and stop with it."""
-    middlewares = [json_errors, limit_per_client] + ([require_api_key] if config.api_key else [])
+    middlewares = [json_errors, limit_per_client, refuse_cross_site_writes] + (
+        [require_api_key] if config.api_key else [])
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[CONFIG] = config
     app[IDEMPOTENCY_IN_PROGRESS] = {}
@@ -3021,6 +3411,10 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/", page)
+    app.router.add_get("/ui", page)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/webhooks/{job_id}/request", request_sent)
     return app
 
 
@@ -3051,6 +3445,7 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         resumed = await instance.start()
         stack.push_async_callback(instance.stop)
         app[STORE], app[ENGINE], app[WORKERS], app[METRICS], app[FENCE] = store, engine, workers, metrics, fence
+        app[SIGNER] = signer
         loops.start("pruner", functools.partial(_prune_idempotency_keys, store))
         stack.push_async_callback(loops.stop, "pruner")
         if config.retention_days:
