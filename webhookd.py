@@ -1521,6 +1521,11 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+# ---------------------------------------------------------------------------
+# Delivery: where a webhook may go
+# ---------------------------------------------------------------------------
+
+
 class BadWebhookURL(ValueError):
     """A URL that parses but that no webhook can be sent to."""
 
@@ -1637,6 +1642,11 @@ class PublicResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._resolver.close()
+
+
+# ---------------------------------------------------------------------------
+# Delivery: the engine
+# ---------------------------------------------------------------------------
 
 
 def is_success(status_code: int | None) -> bool:
@@ -2559,6 +2569,11 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"X-Content-Type-Options": "nosniff"})
 
 
+# ---------------------------------------------------------------------------
+# HTTP: middleware
+# ---------------------------------------------------------------------------
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Every error becomes {"error": ...} JSON; nothing a client sends makes a 5xx."""
@@ -2630,6 +2645,11 @@ async def require_api_key(request: web.Request, handler: Callable[[web.Request],
             headers={"WWW-Authenticate": 'Bearer realm="webhookd"'},
         )
     return await handler(request)
+
+
+# ---------------------------------------------------------------------------
+# HTTP: reading requests
+# ---------------------------------------------------------------------------
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
