@@ -2319,14 +2319,23 @@ async def test_workers_n_runs_n_texts_of_a_slow_model_at_once(make_service: Call
     assert outcomes == [{"sentiment": "neutral", "confidence": 0.5}] * 3
 
 
-def run_and_stop(tmp_path: Path, *args: str, submit_text: str = "", **env: str) -> tuple[str, str]:
+def run_and_stop(tmp_path: Path, *args: str, submit_text: str = "") -> tuple[str, str]:
     """Start webhookd, submit a job (its webhook to a closed port), stop it; its stdout and stderr."""
     process = subprocess.Popen(
         [sys.executable, str(HERE / "webhookd.py"), "--port", "0", "--db", str(tmp_path / "run.db"),
          "--allow-private-urls", "--max-retries", "0", *args],
         cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")}, **env},
+        env={k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")},
     )
+    try:
+        return _submit_and_stop(process, args, submit_text)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def _submit_and_stop(process: subprocess.Popen[str], args: tuple[str, ...], submit_text: str) -> tuple[str, str]:
     out = ""
     while "Running on" not in out:
         line = process.stdout.readline()
