@@ -290,6 +290,15 @@ async def wait_for_status(client: TestClient, job_id: str, *statuses: str) -> di
     return await wait_until(reached, f"delivery of {job_id} to be {statuses}")
 
 
+def hangs_until(release: asyncio.Event) -> Callable[[Arrival, int], Any]:
+    """Answer 200 only once `release` is set."""
+    async def hang(arrival: Arrival, n: int) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    return hang
+
+
 def answer_status(*codes: int, headers: dict[str, str] | None = None) -> Callable[[Arrival, int], web.Response]:
     """Answer the n-th arrival with codes[n-1], and 200 once they run out."""
 
@@ -968,11 +977,7 @@ async def test_a_hanging_receiver_does_not_delay_other_receivers(
     make_service: Callable[..., Any], make_receiver: Callable[..., Any]
 ) -> None:
     release = asyncio.Event()
-
-    async def hang(arrival: Arrival, n: int) -> web.Response:
-        await release.wait()
-        return web.json_response({})
-
+    hang = hangs_until(release)
     blackhole = await make_receiver(hang)
     healthy = await make_receiver()
     # Four slots in all: without a per-receiver share the blackhole would hold every one.
@@ -1030,11 +1035,7 @@ async def test_fifty_new_receivers_that_all_hang_leave_the_fast_half_free(
     make_service: Callable[..., Any], make_receiver: Callable[..., Any]
 ) -> None:
     release = asyncio.Event()
-
-    async def hang(arrival: Arrival, n: int) -> web.Response:
-        await release.wait()
-        return web.json_response({})
-
+    hang = hangs_until(release)
     healthy = await make_receiver()
     hanging = [await make_receiver(hang) for _ in range(50)]
     service = await make_service(max_in_flight=8, timeout=DEADLINE * 2)

@@ -1578,6 +1578,9 @@ def _receiver_host(url: str) -> str:
         return "invalid"
 
 
+HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")  # letters, digits, - and _
+
+
 def _check_host_name(host: str) -> None:
     labels = host.removesuffix(".").split(".")
     if len(host) > 253 or not all(HOST_LABEL.fullmatch(label) for label in labels):
@@ -1588,9 +1591,6 @@ def _check_host_name(host: str) -> None:
                 label.encode("ascii").decode("idna")
             except UnicodeError:
                 raise BadWebhookURL(f"host {host!r} is not a valid internationalised name ({label!r})") from None
-
-
-HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
 class BlockedAddress(OSError):
