@@ -2050,22 +2050,26 @@ async def _answer(response: aiohttp.ClientResponse) -> str:
     """The receiver's answer as the status endpoint shows it: headers and first bytes, JSON."""
     # Reading the answer lets the connection be reused; a receiver that sends more than
     # MAX_BODY_BYTES only gets its connection closed.
-    kept, received = b"", 0
-    async for chunk in response.content.iter_chunked(MAX_BODY_BYTES):
-        kept += chunk[: ANSWER_BYTES - len(kept)]
-        received += len(chunk)
-        if received > MAX_BODY_BYTES:
-            break
+    if response.content_length is not None and response.content_length <= MAX_BODY_BYTES:
+        body = await response.read()  # one read, where most answers are: short, and sized
+        kept, received = body[:ANSWER_BYTES], len(body)
+    else:
+        kept, received = b"", 0
+        async for chunk in response.content.iter_chunked(MAX_BODY_BYTES):
+            kept += chunk[: ANSWER_BYTES - len(kept)]
+            received += len(chunk)
+            if received > MAX_BODY_BYTES:
+                break
     headers: dict[str, str] = {}
     size = 0
-    for name, value in response.headers.items():
+    for raw_name, raw_value in response.raw_headers:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
         size += len(name) + len(value)
         if size > ANSWER_BYTES:
             break
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    body = kept.decode("utf-8", "replace")
-    return json.dumps({"headers": headers, "body": body, "truncated": received > len(kept) or size > ANSWER_BYTES},
-                      ensure_ascii=False)
+    return json.dumps({"headers": headers, "body": kept.decode("utf-8", "replace"),
+                       "truncated": received > len(kept) or size > ANSWER_BYTES}, ensure_ascii=False)
 
 
 def _outcome_of(response: aiohttp.ClientResponse, now: float, answer: str) -> Outcome:
@@ -2135,6 +2139,9 @@ class InferenceWorkers:
         self._model = model
         self._metrics = metrics
         self._inline_chars = VADER_INLINE_CHARS if config.model == "vader" else 0
+        # VADER holds the GIL: a batch split over threads would only add hand-offs. A plug-in
+        # model may wait on something else, so its batch is split for --workers texts at once.
+        self._parts = 1 if config.model == "vader" else config.workers
         self._threads = ThreadPoolExecutor(config.workers, thread_name_prefix="webhookd-model")
         self._names = [f"worker-{n}" for n in range(config.workers)]
         self._taken = 0  # jobs in a worker's batch, not yet finished
@@ -2203,9 +2210,8 @@ class InferenceWorkers:
     async def _predict(self, texts: list[str]) -> list[dict[str, Any] | Exception]:
         if sum(map(len, texts)) <= self._inline_chars and all(map(str.isascii, texts)):
             return predict_all(self._model, texts)
-        # In as many parts as there are threads, so that --workers N runs N texts at once.
         loop = asyncio.get_running_loop()
-        size = -(-len(texts) // self._config.workers)
+        size = -(-len(texts) // self._parts)
         parts = await asyncio.gather(*(
             loop.run_in_executor(self._threads, predict_all, self._model, texts[start:start + size])
             for start in range(0, len(texts), size)
