@@ -1263,7 +1263,9 @@ def _linear_vader() -> Any:
     class LinearVader(SentimentIntensityAnalyzer):  # type: ignore[misc]
         def sentiment_valence(self, valence: float, sentitext: Any, item: str, i: int, sentiments: list[float]) -> Any:
             words = sentitext.words_and_emoticons
-            if 3 <= i <= len(words) - 3:  # else the checks read past an end, and wrap round as stock does
+            # Near an end the checks read past it and wrap round, as stock does; a short text
+            # costs less as it is than the window would.
+            if len(words) > WINDOWED_WORDS and 3 <= i <= len(words) - 3:
                 sentitext = _Words(words[i - 3:i + 3], sentitext.is_cap_diff)
                 i = 3
             return super().sentiment_valence(valence, sentitext, item, i, sentiments)
@@ -1291,6 +1293,9 @@ def _linear_vader() -> Any:
             return sentiments
 
     return LinearVader()
+
+
+WINDOWED_WORDS = 30
 
 
 class _Words(NamedTuple):
@@ -2094,6 +2099,8 @@ def _log_attempt(delivery: Delivery, number: int, outcome: Outcome, seconds: flo
         level, then = logging.WARNING, f"retry in {next_at - time.time():.1f} s"
     else:
         level, then = logging.ERROR, "failed for good, in the dead-letter list"
+    if not log.isEnabledFor(level):  # the line's fields cost more than the check, per attempt
+        return
     kind = "redelivery attempt" if delivery.round_start else "attempt"
     url = loggable_url(delivery.url)
     answer = outcome.status_code if outcome.success else outcome.error
