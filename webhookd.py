@@ -2945,6 +2945,7 @@ button:focus-visible, input:focus-visible { outline: 2px solid #f0a020; outline-
 input { border: 1px solid #b9c0ca; border-radius: 4px; padding: 3px 6px; }
 .layout { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 16px; }
 @media (max-width: 800px) { .layout { grid-template-columns: 1fr; } }
+@media (max-width: 600px) { table { display: block; overflow-x: auto; } th, td { white-space: nowrap; } }
 table { width: 100%; border-collapse: collapse; background: #fff; }
 th, td { text-align: left; padding: 5px 6px; border-bottom: 1px solid #e6e9ee; overflow-wrap: anywhere; }
 tr.selected td { background: #eaf1fd; }
