@@ -1717,6 +1717,14 @@ def slow_on_request(text: str) -> dict[str, Any]:
     return {"sentiment": "neutral", "confidence": 0.5}
 
 
+async def retrying_and_queued(child: ServiceProcess, receiver: Receiver) -> tuple[str, list[str]]:
+    """Give an instance a delivery waiting for its retry and three jobs waiting for the model."""
+    retrying = (await child.submit(text="fast", webhook_url=receiver.url()))["job_id"]
+    await receiver.wait_for(1, retrying)
+    queued = [(await child.submit(text=f"slow {n}", webhook_url=receiver.url()))["job_id"] for n in range(3)]
+    return retrying, queued
+
+
 @postgres_only
 async def test_kill_9_of_one_of_two_instances_the_other_delivers_everything(
     make_service: Callable[..., Any], make_receiver: Callable[..., Any], config: Config
@@ -1727,9 +1735,7 @@ async def test_kill_9_of_one_of_two_instances_the_other_delivers_everything(
     child = ServiceProcess(config.db, "--model", "test_webhookd:slow_on_request", "--backoff-base", "0.3",
                            "--max-retries", "50", "--workers", "1")
     try:
-        retrying = (await child.submit(text="fast", webhook_url=receiver.url()))["job_id"]
-        await receiver.wait_for(1, retrying)
-        queued = [(await child.submit(text=f"slow {n}", webhook_url=receiver.url()))["job_id"] for n in range(3)]
+        retrying, queued = await retrying_and_queued(child, receiver)
     finally:
         child.process.kill()
         child.process.wait()
@@ -1749,9 +1755,7 @@ async def test_a_graceful_stop_hands_its_work_over_at_once(
     receiver = await make_receiver(fails_until(up))
     child = ServiceProcess(config.db, "--model", "test_webhookd:slow_on_request", "--backoff-base", "1",
                            "--max-retries", "50", "--workers", "1", "--failover-after", "600")
-    retrying = (await child.submit(text="fast", webhook_url=receiver.url()))["job_id"]
-    await receiver.wait_for(1, retrying)
-    queued = [(await child.submit(text=f"slow {n}", webhook_url=receiver.url()))["job_id"] for n in range(3)]
+    retrying, queued = await retrying_and_queued(child, receiver)
     child.process.send_signal(signal.SIGTERM)
     _, stderr = await asyncio.to_thread(child.process.communicate, timeout=DEADLINE)
     assert child.process.returncode == 0, stderr
@@ -1860,8 +1864,7 @@ def run_webhookd(*args: str) -> subprocess.CompletedProcess[str]:
 
 @postgres_only
 async def test_a_postgres_password_appears_nowhere(
-    make_service: Callable[..., Any], receiver: Receiver, postgres: PostgresCluster, config: Config,
-    caplog: pytest.LogCaptureFixture,
+    make_service: Callable[..., Any], receiver: Receiver, config: Config, caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     password = "pa55-not-to-be-seen"
