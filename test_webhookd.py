@@ -353,6 +353,23 @@ async def test_job_is_committed_before_the_202(service: TestClient, config: Conf
         ("I love this product!",)]
 
 
+@both_stores
+async def test_a_write_that_fails_leaves_nothing_behind_and_fails_alone(config: Config) -> None:
+    store = await webhookd.open_store(config.db, webhookd.Loops(), 2.0)
+    good = webhookd.Job(webhookd.new_job_id(), "kept", None, None, time.time())
+    half = ("INSERT INTO jobs (id, text, status, created_at) VALUES (?, 'half', 'processing', 0)",
+            (webhookd.new_job_id(),))
+    try:
+        # Both in one group commit; the broken one first, so that what it left undone would be
+        # committed by the good one's transaction.
+        broken, kept = await asyncio.gather(store._write(half, half), store.add_job(good), return_exceptions=True)
+    finally:
+        await store.close()
+    assert isinstance(broken, Exception) and not isinstance(broken, webhookd.StoreUnavailable), broken
+    assert kept is None
+    assert await query(config.db, "SELECT id FROM jobs") == [(good.id,)]
+
+
 # ---------------------------------------------------------------------------
 # 2. The webhook is sent when the job completes
 # ---------------------------------------------------------------------------
