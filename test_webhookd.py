@@ -2250,6 +2250,14 @@ async def test_healthz_and_metrics(service: TestClient, make_receiver: Callable[
         assert line.startswith("#") or len(line.split(" ")) == 2, line
 
 
+def test_histogram_buckets_are_cumulative_and_include_their_bound() -> None:
+    histogram = webhookd.Histogram((0.1, 1.0))
+    for seconds in (0.05, 0.1, 0.5, 1.0, 7.0):
+        histogram.observe(seconds)
+    assert histogram.lines("t", "h")[2:] == [
+        't_bucket{le="0.1"} 2', 't_bucket{le="1.0"} 4', 't_bucket{le="+Inf"} 5', "t_sum 8.650000", "t_count 5"]
+
+
 async def test_metrics_parse_and_answer_are_webhooks_arriving(
     service: TestClient, make_receiver: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import bisect
 import contextlib
 import dataclasses
 import datetime as dt
@@ -1459,7 +1460,7 @@ class Histogram:
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self._buckets = buckets
-        self._counts = [0] * len(buckets)
+        self._counts = [0] * (len(buckets) + 1)  # per bucket, not cumulative: one increment a job
         self._sum = 0.0
         self._count = 0
 
@@ -1467,16 +1468,14 @@ class Histogram:
         """Count one observation."""
         self._sum += seconds
         self._count += 1
-        for i, bound in enumerate(self._buckets):
-            if seconds <= bound:
-                self._counts[i] += 1
+        self._counts[bisect.bisect_left(self._buckets, seconds)] += 1
 
     def lines(self, name: str, help: str) -> list[str]:
         """The histogram in the text exposition format."""
         return [
             f"# HELP {name} {help}",
             f"# TYPE {name} histogram",
-            *(f'{name}_bucket{{le="{b}"}} {n}' for b, n in zip(self._buckets, self._counts)),
+            *(f'{name}_bucket{{le="{b}"}} {n}' for b, n in zip(self._buckets, itertools.accumulate(self._counts))),
             f'{name}_bucket{{le="+Inf"}} {self._count}',
             f"{name}_sum {self._sum:.6f}",
             f"{name}_count {self._count}",
@@ -2614,7 +2613,7 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
             raise
         headers = {h: exc.headers[h] for h in ("Allow", "WWW-Authenticate", "Retry-After") if h in exc.headers}
         return web.json_response({"error": _error_message(request, exc)}, status=exc.status, headers=headers)
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, Busy) as exc:
         return web.json_response({"error": f"{exc}; try again later"}, status=503, headers={"Retry-After": "1"})
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
@@ -2628,16 +2627,17 @@ SERVER_OPTIONS = {"lingering_time": 0}
 
 
 @web.middleware
-async def limit_per_client(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """At most MAX_REQUESTS_PER_CLIENT requests at once from one address, so that one client
-    holding many slow connections cannot take every file descriptor from the others."""
+async def admit(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Who may make a request: a client within its share, a browser only for this site's own
+    page, and with --api-key, a caller with the key. One middleware, not three, because each
+    layer costs every request a coroutine."""
     counts = request.app[REQUESTS_BY_CLIENT]
     client = request.remote or ""
-    if counts[client] >= MAX_REQUESTS_PER_CLIENT:
-        raise web.HTTPTooManyRequests(
-            text=f"more than {MAX_REQUESTS_PER_CLIENT} requests at once from {client}; wait for some to finish",
-            headers={"Retry-After": "1"},
-        )
+    _limit_per_client(counts[client], client)
+    _refuse_cross_site_writes(request)
+    api_key = request.app[CONFIG].api_key
+    if api_key:
+        _require_api_key(request, api_key)
     counts[client] += 1
     try:
         return await handler(request)
@@ -2647,24 +2647,29 @@ async def limit_per_client(request: web.Request, handler: Callable[[web.Request]
             del counts[client]
 
 
-@web.middleware
-async def refuse_cross_site_writes(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """A POST that a browser sends for another site's page is refused, so that a page elsewhere
-    cannot make a browser on the operator's machine redeliver, or submit jobs, even without --api-key."""
+def _limit_per_client(requests: int, client: str) -> None:
+    # One client holding many slow connections must not take every file descriptor from the others.
+    if requests >= MAX_REQUESTS_PER_CLIENT:
+        raise web.HTTPTooManyRequests(
+            text=f"more than {MAX_REQUESTS_PER_CLIENT} requests at once from {client}; wait for some to finish",
+            headers={"Retry-After": "1"},
+        )
+
+
+def _refuse_cross_site_writes(request: web.Request) -> None:
+    # A page elsewhere must not make a browser on the operator's machine redeliver, or submit
+    # jobs, even without --api-key.
     origin = request.headers.get("Origin")
     cross_site = request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site") or (
         origin is not None and origin != f"{request.scheme}://{request.host}")
     if request.method == "POST" and cross_site:
         raise web.HTTPForbidden(text="a request from another site's page is refused")
-    return await handler(request)
 
 
-@web.middleware
-async def require_api_key(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """With --api-key, every endpoint but /healthz needs Authorization: Bearer <key>."""
-    api_key = request.app[CONFIG].api_key
+def _require_api_key(request: web.Request, api_key: str) -> None:
+    # Every endpoint but the health check, the API description and the page (which asks for the key).
     if request.path in ("/healthz", "/openapi.json", "/", "/ui"):
-        return await handler(request)
+        return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     # aiohttp decodes header bytes that are not UTF-8 as surrogates; encode them back the same way.
     offered = token.strip().encode("utf-8", "surrogateescape")
@@ -2674,7 +2679,6 @@ async def require_api_key(request: web.Request, handler: Callable[[web.Request],
             text="missing or wrong API key: send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": 'Bearer realm="webhookd"'},
         )
-    return await handler(request)
 
 
 # ---------------------------------------------------------------------------
@@ -2797,10 +2801,12 @@ def _shed_past_the_backlog(app: web.Application) -> None:
     backlog = app[WORKERS].depth + app[ENGINE].due
     if backlog >= app[CONFIG].max_backlog:
         app[METRICS].shed += 1
-        raise web.HTTPServiceUnavailable(
-            text=f"busy: {backlog} jobs and deliveries are waiting (--max-backlog); try again later",
-            headers={"Retry-After": "1"},
-        )
+        raise Busy(f"busy: {backlog} jobs and deliveries are waiting (--max-backlog)")
+
+
+class Busy(Exception):
+    """Past --max-backlog: a 503. Not an HTTPException, which builds a response only for
+    json_errors to replace it, at a cost every shed request would pay."""
 
 
 def _require_json_content_type(request: web.Request) -> None:
@@ -3446,9 +3452,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def create_app(config: Config) -> web.Application:
     """The webhookd application: routes, middleware, and the workers that start and stop with it."""
-    middlewares = [json_errors, limit_per_client, refuse_cross_site_writes] + (
-        [require_api_key] if config.api_key else [])
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors, admit])
     app[CONFIG] = config
     app[IDEMPOTENCY_IN_PROGRESS] = {}
     app[LOOPS] = Loops()
