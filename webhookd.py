@@ -1015,7 +1015,7 @@ class PostgresStore(Store):
         """Connect, create or upgrade the schema under an advisory lock, and join as an instance."""
         try:
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8, timeout=timeout,
-                                             command_timeout=timeout)
+                                             command_timeout=timeout, reset=_nothing_to_reset)
         except Exception as exc:
             raise StoreRefused(f"cannot connect to {redacted(dsn)}: {_pg_error(exc)}") from None
         try:
@@ -1070,7 +1070,7 @@ class PostgresStore(Store):
                      len(jobs), len(deliveries), ", ".join(dead))
             return _takeover(jobs, deliveries)
 
-        return await self._in_transaction(claim)
+        return await self._connected(claim)
 
     async def hand_over(self) -> None:
         async def age(conn: Any) -> None:
@@ -1078,7 +1078,7 @@ class PostgresStore(Store):
             await conn.execute(f"NOTIFY {self.NEWS}")
 
         try:
-            await self._in_transaction(age)
+            await self._connected(age)
         except StoreUnavailable:
             log.warning("could not hand over: the others take over after --failover-after")
 
@@ -1100,28 +1100,40 @@ class PostgresStore(Store):
             log.warning("cannot LISTEN for hand-overs (%s); polling only", _pg_error(exc))
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return await self._in_transaction(lambda conn: conn.fetch(_numbered(sql), *params), transaction=False)
+        return await self._connected(lambda conn: conn.fetch(_numbered(sql), *params), begin=False)
 
     async def _change(self, sql: str, params: Sequence[Any]) -> list[Row]:
-        return await self._in_transaction(lambda conn: conn.fetch(_numbered(sql), *params))
+        # One statement outside BEGIN ... COMMIT is a transaction of its own, in one round trip.
+        return await self._fetch(sql, params)
 
     async def _transaction(self, grouped: dict[str, list[Sequence[Any]]]) -> None:
         async def run(conn: Any) -> None:
             for sql, rows in grouped.items():
                 await conn.executemany(_numbered(sql), rows)
 
-        await self._in_transaction(run)
+        # asyncpg's executemany is atomic on its own: a commit of one kind of statement, as a
+        # quiet service's are, then takes one round trip where BEGIN and COMMIT made it three.
+        await self._connected(run, begin=len(grouped) > 1)
 
-    async def _in_transaction(self, work: Callable[[Any], Awaitable[Any]], transaction: bool = True) -> Any:
+    async def _connected(self, work: Callable[[Any], Awaitable[Any]], begin: bool = True) -> Any:
+        """Run work on a pooled connection, between BEGIN and COMMIT if begin."""
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                if not transaction:
+                if not begin:
                     return await work(conn)
                 async with conn.transaction():
                     return await work(conn)
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                 asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError) as exc:
             raise StoreUnavailable(f"the database cannot be reached: {_pg_error(exc)}") from None
+
+
+async def _nothing_to_reset(connection: Any) -> None:
+    # Nothing webhookd does on a pooled connection outlives its transaction (LISTEN has a
+    # connection of its own; the schema lock is a transaction's), so asyncpg's reset query, a
+    # round trip each time a connection goes back to the pool, would have nothing to undo.
+    # asyncpg still rolls back a transaction left open.
+    pass
 
 
 DB_NOW = "extract(epoch from clock_timestamp())"
