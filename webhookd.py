@@ -1129,11 +1129,10 @@ class PostgresStore(Store):
 
 
 async def _nothing_to_reset(connection: Any) -> None:
-    # Nothing webhookd does on a pooled connection outlives its transaction (LISTEN has a
-    # connection of its own; the schema lock is a transaction's), so asyncpg's reset query, a
-    # round trip each time a connection goes back to the pool, would have nothing to undo.
-    # asyncpg still rolls back a transaction left open.
-    pass
+    """In place of asyncpg's reset query, a round trip each time a connection goes back to the
+    pool: nothing webhookd does on a pooled connection outlives its transaction (LISTEN has a
+    connection of its own; the schema lock is a transaction's). asyncpg still rolls back a
+    transaction left open."""
 
 
 DB_NOW = "extract(epoch from clock_timestamp())"
