@@ -38,6 +38,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+# Hypothesis keeps its example database and caches in a folder; in the temp dir, not beside the
+# checkout, whose top level holds only what the project ships. Read when first needed, so set here.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "webhookd-hypothesis"))
+
 import asyncpg
 import pytest
 import schemathesis

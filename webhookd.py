@@ -841,7 +841,8 @@ class SQLiteStore(Store):
     async def open(cls, path: str, loops: Loops) -> SQLiteStore:
         """Open (or create) the database at path, in WAL mode, for this instance alone."""
         lock = _lock_file(path)
-        # The sqlite3 module's own BEGIN before the first write saves a round trip per commit.
+        # The sqlite3 module begins the transaction itself at the first write, so a commit's
+        # statements and its COMMIT run in one call on the writer's thread (_commit_or_roll_back).
         writer = await aiosqlite.connect(path, isolation_level="DEFERRED")
         try:
             await writer.execute("PRAGMA journal_mode = WAL")
@@ -2596,7 +2597,7 @@ async def healthz(request: web.Request) -> web.Response:
         "status": "ok",
         "instance": app[STORE].instance,
         "version": __version__,
-        "queue_depth": request.app[WORKERS].depth,
+        "queue_depth": app[WORKERS].depth,
     })
 
 
@@ -3534,7 +3535,8 @@ def _client_session(config: Config, resolver: AbstractResolver | None) -> aiohtt
         connector=BoundedConnector(max_idle=config.max_in_flight, limit=config.max_in_flight, resolver=resolver),
         timeout=aiohttp.ClientTimeout(total=config.timeout),
         headers={"User-Agent": USER_AGENT},
-        # A receiver's cookies must not reach the next receiver, and answers are discarded.
+        # A receiver's cookies must not reach the next receiver; its answer is kept as it came,
+        # its first bytes only, so a compressed one is not inflated to get them.
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
     )
