@@ -374,6 +374,27 @@ async def test_a_write_that_fails_leaves_nothing_behind_and_fails_alone(config: 
     assert await query(config.db, "SELECT id FROM jobs") == [(good.id,)]
 
 
+async def test_a_takeover_at_start_up_that_the_db_refused_comes_again(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await webhookd.open_store(config.db, webhookd.Loops(), 2.0)
+    left_over = webhookd.Job(webhookd.new_job_id(), "left unfinished", None, None, time.time())
+
+    async def refused(*args: Any) -> Any:
+        raise webhookd.StoreUnavailable("the database cannot be written")
+
+    try:
+        await store.add_job(left_over)
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "_change", refused)
+            with pytest.raises(webhookd.StoreUnavailable):
+                await store.take_over(2.0)
+        taken = await store.take_over(2.0)
+    finally:
+        await store.close()
+    assert taken.job_ids == [left_over.id]
+
+
 # ---------------------------------------------------------------------------
 # 2. The webhook is sent when the job completes
 # ---------------------------------------------------------------------------

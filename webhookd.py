@@ -100,7 +100,6 @@ class Bound(NamedTuple):
     integer: bool
     low: float
     high: float
-    low_included: bool = True
 
     def admits(self, value: Any) -> bool:
         """Whether value is a number of the right kind within the bounds."""
@@ -109,13 +108,10 @@ class Bound(NamedTuple):
         if self.integer and not (isinstance(value, int) or value.is_integer()):  # 8.0 is 8, as in JSON Schema
             return False
         # Only comparisons: NaN fails them all, and a huge int compares without overflowing.
-        return (self.low <= value if self.low_included else self.low < value) and value <= self.high
+        return self.low <= value <= self.high
 
     def __str__(self) -> str:
-        kind = "an integer" if self.integer else "a number"
-        if self.low_included:
-            return f"{kind}, {self.low:g}..{self.high:g}"
-        return f"{kind} over {self.low:g}, at most {self.high:g}"
+        return f"{'an integer' if self.integer else 'a number'}, {self.low:g}..{self.high:g}"
 
 
 RETRY_POLICY_BOUNDS = {  # what a job's own retry_policy may ask for
@@ -172,8 +168,7 @@ class Config:
                 (self.max_backlog < 1, "--max-backlog must be at least 1"),
                 (not 0 <= self.retention_days < math.inf, "--retention-days must be 0 (keep all) or more"),
                 (not 0 <= self.retry.max_retries <= 100, "--max-retries must be 0 to 100"),
-                (not Bound(False, 0, 3600, low_included=False).admits(self.retry.backoff_base),
-                 "--backoff-base must be a number over 0, at most 3600"),
+                (not 0 < self.retry.backoff_base <= 3600, "--backoff-base must be a number over 0, at most 3600"),
                 (not RETRY_POLICY_BOUNDS["backoff_factor"].admits(self.retry.backoff_factor),
                  f"--backoff-factor must be {RETRY_POLICY_BOUNDS['backoff_factor']}"),
                 (not 0 < self.retry.backoff_max < math.inf, "--backoff-max must be a positive number of seconds"),
@@ -267,7 +262,8 @@ def iso_time(timestamp: float | None) -> str | None:
 
 
 class Loops:
-    """The service's long-running loops (committer, timer, workers, pruner), kept running.
+    """The service's long-running loops (committer, workers, timer, heartbeat, resume, pruner,
+    retention), kept running.
 
     A loop that raises is logged and started again after a pause that doubles up to a minute,
     so no single job or delivery can stop the work of all the others; while it is down,
@@ -617,12 +613,7 @@ class Store:
 
     async def start_round(self, job_id: str, now: float) -> bool:
         """Make a finished delivery pending again, owned by this instance; False if one is under way."""
-        rows = await self._change(
-            "UPDATE deliveries SET status = 'pending', round_start = attempts, next_attempt_at = ?,"
-            " failed_at = NULL, owner = ? WHERE job_id = ? AND status IN ('delivered', 'failed') RETURNING job_id",
-            (now, self.instance, job_id),
-        )
-        return bool(rows)
+        return bool(await self._start_rounds_of("job_id = ? AND status IN ('delivered', 'failed')", (job_id,), now))
 
     async def list_jobs(self, statuses: Sequence[str], delivery_statuses: Sequence[str], prefix: str | None,
                         before: str | None, limit: int) -> list[Row]:
@@ -669,12 +660,17 @@ class Store:
     async def start_rounds(self, since: float, until: float, limit: int, now: float) -> list[str]:
         """Make up to `limit` deliveries that failed between `since` and `until` pending again,
         owned by this instance, oldest failure first; their job ids."""
+        return await self._start_rounds_of(
+            "status = 'failed' AND job_id IN (SELECT job_id FROM deliveries"
+            " WHERE status = 'failed' AND failed_at >= ? AND failed_at <= ? ORDER BY failed_at LIMIT ?)",
+            (since, until, limit), now,
+        )
+
+    async def _start_rounds_of(self, which: str, params: Sequence[Any], now: float) -> list[str]:
         rows = await self._change(
             "UPDATE deliveries SET status = 'pending', round_start = attempts, next_attempt_at = ?,"
-            " failed_at = NULL, owner = ? WHERE status = 'failed' AND job_id IN (SELECT job_id FROM deliveries"
-            " WHERE status = 'failed' AND failed_at >= ? AND failed_at <= ? ORDER BY failed_at LIMIT ?)"
-            " RETURNING job_id",
-            (now, self.instance, since, until, limit),
+            f" failed_at = NULL, owner = ? WHERE {which} RETURNING job_id",
+            (now, self.instance, *params),
         )
         return [row[0] for row in rows]
 
@@ -904,13 +900,13 @@ class SQLiteStore(Store):
         # The file is this instance's alone: at start-up every unfinished row is its own.
         if self._taken_over:
             return Takeover([], [])
-        self._taken_over = True
         jobs = await self._change(
             "UPDATE jobs SET owner = ? WHERE status = 'processing'"
             " RETURNING id", (self.instance,))
         deliveries = await self._change(
             "UPDATE deliveries SET owner = ? WHERE status IN ('pending', 'retrying')"
             " RETURNING next_attempt_at, job_id", (self.instance,))
+        self._taken_over = True  # only now: one the database refused comes again at the next heartbeat
         return _takeover(jobs, deliveries)
 
     async def hand_over(self) -> None:
@@ -1472,7 +1468,7 @@ class Histogram:
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self._buckets = buckets
-        self._counts = [0] * (len(buckets) + 1)  # per bucket, not cumulative: one increment a job
+        self._counts = [0] * (len(buckets) + 1)  # per bucket, not cumulative: one increment an observation
         self._sum = 0.0
         self._count = 0
 
@@ -1525,7 +1521,7 @@ def retry_delay(
     """Seconds to wait before retry number `retry` (from 1), the receiver's Retry-After heard."""
     try:
         delay = min(policy.backoff_base * policy.backoff_factor ** (retry - 1), policy.backoff_max)
-    except OverflowError:  # a server-wide --max-retries has no upper bound
+    except OverflowError:  # past what a float holds: today's bounds on retries and factor stay far below
         delay = policy.backoff_max
     delay *= 1 + policy.backoff_jitter * (2 * draw() - 1)
     if retry_after is not None:
@@ -1591,11 +1587,16 @@ def webhook_target(url: str) -> WebhookTarget:
     return WebhookTarget(parsed, host, f"{parsed.scheme}://{host}:{parsed.port}")
 
 
-def _receiver_host(url: str) -> str:
+def _target_or_invalid(url: str) -> WebhookTarget:
+    """The target of a stored URL, or one named "invalid" (stored by an older version; its
+    attempt says why it fails)."""
     try:
-        return webhook_target(url).host
+        return webhook_target(url)
     except ValueError:
-        return "invalid"
+        return _INVALID_TARGET
+
+
+_INVALID_TARGET = WebhookTarget(URL(), "invalid", "invalid")
 
 
 HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")  # letters, digits, - and _
@@ -1631,6 +1632,7 @@ def is_blocked_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -
     )
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every attempt, and the same hosts come again and again
 def blocked_host(host: str) -> str | None:
     """Why a URL's host is refused without resolving it, or None; covers every IP spelling."""
     name = host.lower().rstrip(".")
@@ -1830,10 +1832,7 @@ class DeliveryEngine:
     def send(self, delivery: Delivery) -> None:
         """Attempt a delivery as soon as a slot for its receiver is free."""
         self._active.add(delivery.job_id)
-        try:
-            receiver = webhook_target(delivery.url).receiver
-        except ValueError:  # stored by an older version; its attempt says why it fails
-            receiver = "invalid"
+        receiver = _target_or_invalid(delivery.url).receiver
         self._queues.setdefault(receiver, deque()).append(delivery)
         self._mark_ready(receiver)
         self._start_attempts()
@@ -1950,7 +1949,7 @@ class DeliveryEngine:
         self._note_speed(receiver, outcome, seconds)
         status, next_attempt_at = self._next_step(delivery, number, outcome, time.time())
         await self._record_attempt(delivery, number, started, seconds, outcome, status, next_attempt_at)
-        self._metrics.attempt_made(outcome.label, seconds, _receiver_host(delivery.url))
+        self._metrics.attempt_made(outcome.label, seconds, _target_or_invalid(delivery.url).host)
         if next_attempt_at is None:
             self._metrics.delivery_finished(outcome.success, time.time() - delivery.created_at)
         _log_attempt(delivery, number, outcome, seconds, next_attempt_at)
@@ -2144,7 +2143,8 @@ class InferenceWorkers:
     """Coroutines that take jobs off the queue, predict, store the result and hand on the webhook.
 
     Jobs waiting in the queue are predicted together. A plug-in model, and VADER on batches
-    over VADER_INLINE_CHARS, run in a thread, so a slow model never blocks the event loop.
+    over VADER_INLINE_CHARS or with non-ASCII text, run in a thread, so a slow model never
+    blocks the event loop.
     """
 
     MAX_BATCH = 64
@@ -2253,7 +2253,7 @@ class InferenceWorkers:
                 log.warning("job %s failed: %s", job.id, error)
             payload = webhook_payload(job.id, result, error, now) if job.webhook_url else None
             finished.append((job, result and json.dumps(result), error, payload))
-            if job.webhook_url and payload is not None:
+            if payload is not None:
                 policy = self._config.retry.overridden(job.retry_policy)
                 deliveries.append(Delivery(job.id, job.webhook_url, payload, 0, 0, policy, job.created_at))
         await self._store.record_results(finished, now)
@@ -2379,6 +2379,9 @@ FENCE = web.AppKey("fence", Fence)
 REQUESTS_BY_CLIENT = web.AppKey("requests_by_client", Counter[str])
 SIGNER = web.AppKey("signer", Signer)
 IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict[str, asyncio.Future[None]])
+
+# Open without --api-key: the health check, the API description and the page (which asks for the key).
+OPEN_PATHS = ("/healthz", "/openapi.json", "/", "/ui")
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -2544,11 +2547,12 @@ async def redeliver_failed(request: web.Request) -> web.Response:
     store = app[STORE]
     if dry_run:
         return web.json_response({"would_redeliver": await store.failed_between(since, until, MAX_BULK_REDELIVERY)})
-    job_ids = await store.start_rounds(since, until, MAX_BULK_REDELIVERY, time.time())
+    now = time.time()
+    job_ids = await store.start_rounds(since, until, MAX_BULK_REDELIVERY, now)
     app[METRICS].dead_letter -= len(job_ids)
     log.info("bulk redelivery of %d deliveries that failed from %s to %s asked for: new rounds start",
              len(job_ids), iso_time(since), iso_time(until), extra={"fields": {"redelivery": "bulk"}})
-    engine, now = app[ENGINE], time.time()
+    engine = app[ENGINE]
     for job_id in job_ids:
         engine.schedule(job_id, now)
     return web.json_response({"redelivered": len(job_ids)}, status=202)
@@ -2671,16 +2675,16 @@ def _limit_per_client(requests: int, client: str) -> None:
 def _refuse_cross_site_writes(request: web.Request) -> None:
     # A page elsewhere must not make a browser on the operator's machine redeliver, or submit
     # jobs, even without --api-key.
+    if request.method != "POST":
+        return
     origin = request.headers.get("Origin")
-    cross_site = request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site") or (
-        origin is not None and origin != f"{request.scheme}://{request.host}")
-    if request.method == "POST" and cross_site:
+    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site") or (
+            origin is not None and origin != f"{request.scheme}://{request.host}"):
         raise web.HTTPForbidden(text="a request from another site's page is refused")
 
 
 def _require_api_key(request: web.Request, api_key: str) -> None:
-    # Every endpoint but the health check, the API description and the page (which asks for the key).
-    if request.path in ("/healthz", "/openapi.json", "/", "/ui"):
+    if request.path in OPEN_PATHS:
         return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     # aiohttp decodes header bytes that are not UTF-8 as surrogates; encode them back the same way.
@@ -2838,7 +2842,8 @@ def _idempotency_key(request: web.Request) -> str | None:
     if key is None:
         return None
     if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not all(" " <= c <= "~" for c in key):
-        raise web.HTTPBadRequest(text="Idempotency-Key must be 1 to 255 printable ASCII characters")
+        raise web.HTTPBadRequest(
+            text=f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters")
     return key
 
 
@@ -3068,13 +3073,17 @@ async function refreshList() {
   $("list-note").textContent = page.jobs.length ? "" : "No job matches.";
 }
 
+function jobCell(jobId) {
+  const open = el("button", jobId, { type: "button", "aria-label": "Show " + jobId });
+  open.addEventListener("click", () => select(jobId));
+  const cell = el("td"); cell.append(open);
+  return cell;
+}
+
 function jobRow(job) {
   const row = el("tr");
   if (job.job_id === state.selected) row.className = "selected";
-  const open = el("button", job.job_id, { type: "button", "aria-label": "Show " + job.job_id });
-  open.addEventListener("click", () => select(job.job_id));
-  const first = el("td"); first.append(open);
-  row.append(first, el("td", job.status, { class: "status-" + job.status }),
+  row.append(jobCell(job.job_id), el("td", job.status, { class: "status-" + job.status }),
     el("td", job.delivery_status || "no webhook", { class: "status-" + (job.delivery_status || "none") }),
     el("td", job.attempts), el("td", job.last_error || ""), el("td", job.created_at));
   return row;
@@ -3148,10 +3157,7 @@ async function refreshDeadLetter() {
   const page = await api("/webhooks/dead-letter?limit=50");
   $("dead").replaceChildren(...page.deliveries.map((d) => {
     const row = el("tr");
-    const open = el("button", d.job_id, { type: "button", "aria-label": "Show " + d.job_id });
-    open.addEventListener("click", () => select(d.job_id));
-    const first = el("td"); first.append(open);
-    row.append(first, el("td", d.webhook_url), el("td", d.attempts), el("td", d.last_error || ""), el("td", d.failed_at));
+    row.append(jobCell(d.job_id), el("td", d.webhook_url), el("td", d.attempts), el("td", d.last_error || ""), el("td", d.failed_at));
     return row;
   }));
 }
@@ -3180,7 +3186,6 @@ const COUNTERS = [["accepted", "jobs accepted/s"], ["delivered", "deliveries/s"]
 
 async function refreshCounters() {
   const stats = await api("/stats");
-  const previous = state.history[state.history.length - 1];
   state.history.push({ at: Date.now(), stats });
   state.history = state.history.slice(-60);
   const boxes = COUNTERS.map(([name, label]) => {
@@ -3188,7 +3193,7 @@ async function refreshCounters() {
     const points = state.history.slice(1).map((entry, i) => rate
       ? (entry.stats[name] - state.history[i].stats[name]) / Math.max(0.001, (entry.at - state.history[i].at) / 1000)
       : entry.stats[name]);
-    const value = rate ? (previous ? points[points.length - 1] : 0) : stats[name];
+    const value = rate ? (points.length ? points[points.length - 1] : 0) : stats[name];
     const box = el("div", null, { class: "counter" });
     box.append(el("b", rate ? value.toFixed(1) : value), el("span", label), sparkline(points));
     return box;
@@ -3300,7 +3305,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     words = {400: "a bad request: the error says what to fix", 401: "missing or wrong API key", 403: "sent for another site's page",
              404: "no such job (or it has no webhook)", 408: "the body did not arrive within --timeout",
-             409: "a round of attempts is under way", 413: "body over 64 KiB",
+             409: "a round of attempts is under way", 413: f"body over {MAX_BODY_BYTES // 1024} KiB",
              415: "not JSON, or a compressed body", 422: "the Idempotency-Key was used with another body",
              429: "too many requests at once from this address",
              503: "shedding load, or the database cannot be reached: try again after Retry-After"}
@@ -3317,7 +3322,7 @@ OPENAPI: dict[str, Any] = {
              "description": "Runs a sentiment model on submitted text and tells the client by signed webhook."},
     "components": {
         "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
-                                       "description": "needed on every endpoint but /healthz and /openapi.json"
+                                       "description": f"needed on every endpoint but {', '.join(OPEN_PATHS)}"
                                                       " when webhookd runs with --api-key"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
@@ -3329,9 +3334,9 @@ OPENAPI: dict[str, Any] = {
                     "retry_policy": {
                         "type": "object", "additionalProperties": False,
                         "properties": {
-                            "max_retries": {"type": "integer", "minimum": 0, "maximum": 20},
-                            "backoff_base": {"type": "number", "minimum": 0.1, "maximum": 3600},
-                            "backoff_factor": {"type": "number", "minimum": 1, "maximum": 10},
+                            name: {"type": "integer" if bound.integer else "number", "minimum": bound.low,
+                                   "maximum": bound.high}
+                            for name, bound in RETRY_POLICY_BOUNDS.items()
                         },
                     },
                 },
@@ -3343,15 +3348,15 @@ OPENAPI: dict[str, Any] = {
                 "sentiment": {"enum": list(SENTIMENTS)}, "confidence": {"type": "number", "minimum": 0, "maximum": 1}}},
             "Job": {"type": "object", "required": ["job_id", "status", "result", "error", "created_at",
                                                    "completed_at", "webhook_url"], "properties": {
-                "job_id": {"type": "string"}, "status": {"enum": ["processing", "completed", "failed"]},
+                "job_id": {"type": "string"}, "status": {"enum": list(JOB_STATUSES)},
                 "result": _ref("Result"), "error": {"type": ["string", "null"]}, "created_at": TIME,
                 "completed_at": NULLABLE_TIME, "webhook_url": {"type": ["string", "null"]}}},
             "JobList": {"type": "object", "required": ["jobs", "next"], "properties": {
                 "next": {"type": ["string", "null"]},
                 "jobs": {"type": "array", "items": {"type": "object", "properties": {
-                    "job_id": {"type": "string"}, "status": {"enum": ["processing", "completed", "failed"]},
+                    "job_id": {"type": "string"}, "status": {"enum": list(JOB_STATUSES)},
                     "created_at": TIME, "completed_at": NULLABLE_TIME, "webhook_url": {"type": ["string", "null"]},
-                    "delivery_status": {"enum": ["pending", "retrying", "delivered", "failed", None]},
+                    "delivery_status": {"enum": [*DELIVERY_STATUSES, None]},
                     "attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]},
                     "next_attempt_at": NULLABLE_TIME}}}}},
             "Attempt": {"type": "object", "required": ["attempt", "timestamp", "status_code", "success", "error",
@@ -3365,7 +3370,7 @@ OPENAPI: dict[str, Any] = {
             "WebhookStatus": {"type": "object", "required": ["job_id", "webhook_url", "delivery_status",
                                                              "next_attempt_at", "attempts"], "properties": {
                 "job_id": {"type": "string"}, "webhook_url": {"type": "string"},
-                "delivery_status": {"enum": ["pending", "retrying", "delivered", "failed"]},
+                "delivery_status": {"enum": list(DELIVERY_STATUSES)},
                 "next_attempt_at": NULLABLE_TIME, "attempts": {"type": "array", "items": _ref("Attempt")}}},
             "DeadLetter": {"type": "object", "required": ["deliveries"], "properties": {
                 "deliveries": {"type": "array", "items": {"type": "object", "properties": {
@@ -3678,7 +3683,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             "accepted work not yet done (jobs before inference, deliveries due); past it /predict answers 503", int)
     _option(serve, "--retention-days", 30.0, "delete finished jobs older than this (0: keep everything)", float)
     _flag(serve, "--allow-private-urls", "allow webhook URLs on loopback/private networks (local testing)")
-    _option(serve, "--api-key", None, "require Authorization: Bearer <key> on every endpoint but /healthz")
+    _option(serve, "--api-key", None,
+            f"require Authorization: Bearer <key> on every endpoint but {', '.join(OPEN_PATHS)}")
     _option(serve, "--api-key-file", None, "read --api-key from this file, so it is not on the command line")
     _option(serve, "--model", "vader", "the sentiment model: vader, or module:callable (text -> dict)")
     _option(serve, "--log-level", "info", "debug, info, warning or error")
