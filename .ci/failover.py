@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import os
 import shutil
 import signal
@@ -40,7 +41,9 @@ def free_port() -> int:
 
 
 def postgres(home: Path) -> tuple[str, list[str]]:
-    bin_dir = Path(shutil.which("pg_ctl") or "/usr/lib/postgresql/15/bin/pg_ctl").resolve().parent
+    # Debian's pg_ctl is in a folder named for its version, not on the PATH.
+    found = shutil.which("pg_ctl") or max(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), default="pg_ctl")
+    bin_dir = Path(found).resolve().parent
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:
         shutil.chown(home, "postgres")
