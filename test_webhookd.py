@@ -2441,6 +2441,33 @@ def test_text_log_lines_say_their_time_zone(tmp_path: Path) -> None:
                for line in err.splitlines() if line), err
 
 
+def test_the_server_options_apply_idle_connections_close_and_requests_are_not_logged(tmp_path: Path) -> None:
+    # main() as python webhookd.py runs it, with a keep-alive short enough to wait for.
+    start = ("import sys, webhookd; webhookd.SERVER_OPTIONS['keepalive_timeout'] = 0.5;"
+             " sys.exit(webhookd.main(sys.argv[1:]))")
+    process = subprocess.Popen(
+        [sys.executable, "-c", start, "--port", "0", "--db", str(tmp_path / "run.db"), "--secret", SECRET],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_environment(),
+    )
+    try:
+        host, port = ServiceProcess.wait_for_url(process).removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=DEADLINE) as connection:
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"}"):
+                answer += connection.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert connection.recv(4096) == b"", "the idle connection was not closed"  # recv times out otherwise
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=DEADLINE)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert "Failed to create request handler" not in err, err
+    assert "GET /healthz" not in err, err  # the access log is for --log-level debug
+
+
 @both_stores
 async def test_a_redelivery_is_marked_in_the_log(
     make_service: Callable[..., Any], receiver: Receiver, caplog: pytest.LogCaptureFixture
