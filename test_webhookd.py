@@ -1789,8 +1789,10 @@ async def test_kill_9_of_one_of_two_instances_the_other_delivers_everything(
 
 @postgres_only
 async def test_a_graceful_stop_hands_its_work_over_at_once(
-    make_service: Callable[..., Any], make_receiver: Callable[..., Any], config: Config
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], config: Config,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "webhookd")
     # --failover-after 600: only the hand-over, never a takeover of the dead, can finish this in time.
     survivor = await make_service(retry=replace(FAST, max_retries=50), failover_after=600.0)
     up = asyncio.Event()
@@ -1804,6 +1806,7 @@ async def test_a_graceful_stop_hands_its_work_over_at_once(
     up.set()
     for job_id in [retrying, *queued]:
         await wait_for_status(survivor, job_id, "delivered")
+    assert "handed over by instance-" in caplog.text and "presumed dead" not in caplog.text, caplog.text
 
 
 @postgres_only
@@ -1838,6 +1841,46 @@ async def test_an_instance_cut_off_stops_sending_and_its_successor_takes_over(
     numbers = attempt_numbers(receiver, job_id)
     assert len(numbers) > fenced_at
     assert sorted(set(numbers)) == sorted(numbers), "an attempt was sent by both instances"
+
+
+@postgres_only
+async def test_jobs_an_instance_accepts_after_its_work_was_taken_over_are_adopted(
+    make_service: Callable[..., Any], receiver: Receiver, config: Config
+) -> None:
+    # As after kill -STOP: the instance's row is deleted by a takeover, and it accepts jobs under
+    # its old id before its next heartbeat would tell it so.
+    model_gate.clear()
+    survivor = await make_service()
+    stalled = await make_service(model="test_webhookd:gated_model", workers=1)
+    try:
+        await stalled.app[webhookd.LOOPS].stop("heartbeat")
+        old_id = stalled.app[webhookd.STORE].instance
+        await wait_until(lambda: gone(config.db, old_id), "the survivor to take the stalled instance over")
+        job_id = (await submit(stalled, webhook_url=receiver.url()))["job_id"]
+        await wait_for_status(survivor, job_id, "delivered")
+        assert (await (await survivor.get(f"/jobs/{job_id}")).json())["status"] == "completed"
+        assert await query(config.db, "SELECT owner FROM jobs WHERE id = ?", job_id) == [(await instance_id(survivor),)]
+    finally:
+        model_gate.set()
+
+
+@postgres_only
+async def test_a_delivery_left_under_an_owner_that_is_gone_is_sent(
+    make_service: Callable[..., Any], receiver: Receiver, config: Config
+) -> None:
+    # What a db outage left: the job completed, its delivery pending, its owner's row deleted.
+    await make_service()
+    payload = b'{"job_id":"job-orphan"}'
+    await query(config.db, "INSERT INTO jobs (id, text, webhook_url, status, created_at, owner)"
+                " VALUES ('job-orphan', 'x', ?, 'completed', 0, 'instance-gone') RETURNING id", receiver.url())
+    await query(config.db, "INSERT INTO deliveries (job_id, url, payload, status, next_attempt_at, owner)"
+                " VALUES ('job-orphan', ?, ?, 'pending', 0, 'instance-gone') RETURNING job_id", receiver.url(), payload)
+    [arrival] = await receiver.wait_for(1)
+    assert arrival.body == payload
+
+
+async def gone(db: str, instance: str) -> bool:
+    return not await query(db, "SELECT 1 FROM instances WHERE id = ?", instance)
 
 
 async def owned_elsewhere(client: TestClient, job_id: str, old_owner: str) -> bool:

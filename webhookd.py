@@ -990,10 +990,13 @@ class PostgresStore(Store):
     """A PostgreSQL database shared by any number of instances.
 
     Each instance heartbeats one row of `instances`. One whose heartbeat is older than
-    --failover-after is presumed dead: the first live instance to delete its row becomes the
-    owner of its unfinished jobs and deliveries, in the same transaction, so each row is taken
-    exactly once. A graceful stop ages its own heartbeat and NOTIFYs, so the others take over
-    at once.
+    --failover-after is presumed dead, and the first live instance to delete its row takes its
+    work. A takeover claims every unfinished row whose owner has no row in `instances`, not only
+    the rows of the instances it deletes: an instance that wakes from a stall accepts jobs under
+    its old id until its next heartbeat tells it that id is gone, and those rows are adopted at
+    the next takeover of any instance, every fifth of --failover-after. Rows are claimed in one
+    transaction, so each is taken once. A graceful stop ages its own heartbeat and NOTIFYs, so
+    the others take over at once.
     """
 
     NEWS = "webhookd_handover"
@@ -1052,19 +1055,18 @@ class PostgresStore(Store):
 
     async def take_over(self, failover_after: float) -> Takeover:
         async def claim(conn: Any) -> Takeover:
-            dead = [row[0] for row in await conn.fetch(
-                f"DELETE FROM instances WHERE heartbeat_at < {DB_NOW} - $1 AND id <> $2 RETURNING id",
-                failover_after, self.instance)]
-            if not dead:
-                return Takeover([], [])
+            gone = await conn.fetch(
+                f"DELETE FROM instances WHERE heartbeat_at < {DB_NOW} - $1 AND id <> $2 RETURNING id, heartbeat_at",
+                failover_after, self.instance)
             jobs = await conn.fetch(
-                "UPDATE jobs SET owner = $1 WHERE owner = ANY($2) AND status = 'processing'"
-                " RETURNING id", self.instance, dead)
+                "UPDATE jobs SET owner = $1 WHERE status = 'processing' AND NOT EXISTS"
+                " (SELECT 1 FROM instances i WHERE i.id = jobs.owner) RETURNING id", self.instance)
             deliveries = await conn.fetch(
-                "UPDATE deliveries SET owner = $1 WHERE owner = ANY($2) AND status IN ('pending', 'retrying')"
-                " RETURNING next_attempt_at, job_id", self.instance, dead)
-            log.info("took over %d jobs and %d deliveries from %s, presumed dead",
-                     len(jobs), len(deliveries), ", ".join(dead))
+                "UPDATE deliveries SET owner = $1 WHERE status IN ('pending', 'retrying') AND NOT EXISTS"
+                " (SELECT 1 FROM instances i WHERE i.id = deliveries.owner) RETURNING next_attempt_at, job_id",
+                self.instance)
+            if gone or jobs or deliveries:
+                log.info("took over %d jobs and %d deliveries%s", len(jobs), len(deliveries), _from_whom(gone))
             return _takeover(jobs, deliveries)
 
         return await self._connected(claim)
@@ -1123,6 +1125,15 @@ class PostgresStore(Store):
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                 asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError) as exc:
             raise StoreUnavailable(f"the database cannot be reached: {_pg_error(exc)}") from None
+
+
+def _from_whom(gone: list[Row]) -> str:
+    # hand_over ages a heartbeat to 0: such an instance stopped, where the others went silent.
+    handed = [row[0] for row in gone if row[1] == 0]
+    silent = [row[0] for row in gone if row[1] != 0]
+    parts = [f"handed over by {', '.join(handed)}"] if handed else []
+    parts += [f"from {', '.join(silent)}, presumed dead"] if silent else []
+    return " " + "; ".join(parts or ["left by instances no longer alive"])
 
 
 async def _nothing_to_reset(connection: Any) -> None:
