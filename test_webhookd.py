@@ -2746,6 +2746,35 @@ async def test_a_db_file_deleted_under_it_is_a_503_and_healthz_says_so(service: 
     assert (await service.get(f"/jobs/{job_id}")).status == 200
 
 
+async def test_every_job_acknowledged_around_a_deleted_wal_survives_kill_9(tmp_path: Path) -> None:
+    db = str(tmp_path / "webhookd.db")
+    child = ServiceProcess(db)
+    acknowledged = []
+
+    async def submit_until_accepted(n: int) -> None:
+        async def accepted() -> bool:
+            response = await asyncio.to_thread(http, child.url + "/predict", {"text": f"text {n}"})
+            if response[0] == 202:
+                acknowledged.append(response[1]["job_id"])
+            return response[0] == 202
+
+        await wait_until(accepted, f"job {n} to be accepted")
+
+    try:
+        for n in range(10):
+            await submit_until_accepted(n)
+        os.remove(db + "-wal")
+        for n in range(10, 40):
+            await submit_until_accepted(n)
+        assert http(child.url + "/healthz")[0] == 200
+    finally:
+        child.process.kill()
+        _, err = child.process.communicate()
+    kept = {job_id for (job_id,) in await query(db, "SELECT id FROM jobs")}
+    assert set(acknowledged) <= kept, f"{len(set(acknowledged) - kept)} acknowledged jobs lost"
+    assert err.count("-wal was deleted under webhookd") == 1 and "Traceback" not in err, err
+
+
 async def test_running_out_of_file_descriptors_is_not_charged_to_the_receiver(
     service: TestClient, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -821,6 +821,11 @@ class SQLiteStore(Store):
     The instance holds an exclusive flock on the file while it runs (SQLite's own locks are
     fcntl locks, which flock does not touch), so a second instance on the same file refuses to
     start instead of running the unfinished jobs a second time.
+
+    A -wal file deleted under a running instance holds commits that no later start would see:
+    SQLite goes on writing to the deleted file. Found before a write or a health check, it
+    costs a moment of 503s while every commit in it is written into the database file and a
+    new log is started.
     """
 
     def __init__(self, path: str, writer: aiosqlite.Connection, reader: aiosqlite.Connection, lock: int,
@@ -831,6 +836,8 @@ class SQLiteStore(Store):
         self._lock = lock
         self._write_error: str | None = None  # why the last write failed, until one succeeds
         self._taken_over = False
+        self._wal = _inode(path + "-wal")
+        self._saving_wal: asyncio.Task[None] | None = None  # while the commits of a deleted -wal are saved
         super().__init__(loops)
 
     @classmethod
@@ -851,12 +858,11 @@ class SQLiteStore(Store):
             await writer.execute("PRAGMA auto_vacuum = NONE")
             await writer.execute("PRAGMA busy_timeout = 5000")
             await cls._create_schema(writer)
-            reader = await aiosqlite.connect(path, isolation_level=None)
+            reader = await _open_reader(path)
         except BaseException:
             await writer.close()
             os.close(lock)
             raise
-        await reader.execute("PRAGMA busy_timeout = 5000")
         return cls(path, writer, reader, lock, loops)
 
     @staticmethod
@@ -882,6 +888,7 @@ class SQLiteStore(Store):
         os.close(self._lock)
 
     async def heartbeat(self) -> bool:
+        self.problem()  # finds a deleted -wal on a quiet service too
         if self._write_error:  # nothing else may write for a while: find out whether it has cleared
             await self._change("UPDATE settings SET value = value WHERE name = 'schema_version' RETURNING name", ())
         return True
@@ -913,6 +920,8 @@ class SQLiteStore(Store):
         pass
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        if self._saving_wal:
+            raise StoreUnavailable(WAL_SAVED)
         return list(await self._reader.execute_fetchall(sql, params))
 
     async def _change(self, sql: str, params: Sequence[Any]) -> list[Row]:
@@ -944,6 +953,46 @@ class SQLiteStore(Store):
             gone = True
         if gone:
             raise StoreUnavailable(f"the database file {self._path} has gone from under webhookd")
+        if self._saving_wal or _inode(self._path + "-wal") != self._wal:
+            self._saving_wal = self._saving_wal or asyncio.get_running_loop().create_task(self._save_wal())
+            raise StoreUnavailable(WAL_SAVED)
+
+    async def _save_wal(self) -> None:
+        # Leaving WAL mode checkpoints the deleted log into the database file, which needs the
+        # writer alone on the file; entering it again starts a new -wal.
+        log.error("%s-wal was deleted under webhookd; saving its commits into %s", self._path, self._path)
+        try:
+            await self._reader.close()
+            await self._writer._execute(_start_a_new_wal, self._writer._conn)
+            self._wal = _inode(self._path + "-wal")
+            log.info("the commits of the deleted %s-wal are in %s, and a new one is started", self._path, self._path)
+        except sqlite3.Error:
+            log.exception("could not save the commits of the deleted %s-wal; trying again", self._path)
+        finally:
+            self._reader = await _open_reader(self._path)
+            self._saving_wal = None
+
+
+WAL_SAVED = "the database's -wal file was deleted; its commits are being saved"
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _start_a_new_wal(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA journal_mode = DELETE")
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("SELECT 1 FROM settings").fetchall()  # SQLite makes the -wal at the first read
+
+
+async def _open_reader(path: str) -> aiosqlite.Connection:
+    reader = await aiosqlite.connect(path, isolation_level=None)
+    await reader.execute("PRAGMA busy_timeout = 5000")
+    return reader
 
 
 def _commit_or_roll_back(work: Callable[[sqlite3.Connection], Any], connection: sqlite3.Connection) -> Any:
