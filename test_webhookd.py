@@ -2856,17 +2856,22 @@ def test_the_open_file_limit_is_raised_to_the_hard_one() -> None:
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
 
 
-async def test_a_large_backlog_is_read_a_page_at_a_time(make_service: Callable[..., Any], config: Config) -> None:
+async def test_a_large_backlog_is_read_a_page_at_a_time_and_counted_whole(
+    make_service: Callable[..., Any], config: Config
+) -> None:
     store = await webhookd.open_store(config.db, webhookd.Loops(), 2.0)
     for n in range(3 * webhookd.RESUME_PAGE):
         await store.add_job(webhookd.Job(webhookd.new_job_id(), f"left over {n}", None, None, time.time()))
     await store.close()
     model_gate.clear()
-    service = await make_service(model="test_webhookd:gated_model", workers=1)
+    service = await make_service(model="test_webhookd:gated_model", workers=1, max_backlog=2 * webhookd.RESUME_PAGE)
     try:
         workers = service.app[webhookd.WORKERS]
-        await wait_until(lambda: asyncio.sleep(0, workers.depth > 0), "the first page")
-        assert workers.depth <= webhookd.RESUME_PAGE + webhookd.InferenceWorkers.MAX_BATCH
+        await wait_until(lambda: asyncio.sleep(0, workers.queue.qsize() > 0), "the first page")
+        assert workers.queue.qsize() <= webhookd.RESUME_PAGE  # texts in memory: a page
+        assert workers.depth == 3 * webhookd.RESUME_PAGE
+        assert (await (await service.get("/healthz")).json())["queue_depth"] == 3 * webhookd.RESUME_PAGE
+        assert (await service.post("/predict", json={"text": "one more"})).status == 503  # past --max-backlog
     finally:
         model_gate.set()
     await wait_until(lambda: finished_jobs(config.db, 3 * webhookd.RESUME_PAGE), "every page to run")

@@ -2199,12 +2199,17 @@ def loggable_url(url: str) -> str:
 # ---------------------------------------------------------------------------
 
 
+RESUME_PAGE = 500  # taken-over jobs read from the db at a time
+
+
 class InferenceWorkers:
     """Coroutines that take jobs off the queue, predict, store the result and hand on the webhook.
 
     Jobs waiting in the queue are predicted together. A plug-in model, and VADER on batches
     over VADER_INLINE_CHARS or with non-ASCII text, run in a thread, so a slow model never
-    blocks the event loop.
+    blocks the event loop. Jobs taken over (at start-up, or from an instance presumed dead)
+    wait as ids and are read from the db a page at a time, as the queue runs low: a backlog of
+    any size costs memory for a page, not for every text in it.
     """
 
     MAX_BATCH = 64
@@ -2227,26 +2232,53 @@ class InferenceWorkers:
         self._threads = ThreadPoolExecutor(config.workers, thread_name_prefix="webhookd-model")
         self._names = [f"worker-{n}" for n in range(config.workers)]
         self._taken = 0  # jobs in a worker's batch, not yet finished
+        self._to_resume: deque[str] = deque()  # ids of jobs taken over, not yet queued
+        self._resume_wake = asyncio.Event()
 
     @property
     def depth(self) -> int:
-        """Jobs accepted and not yet through inference: queued, or in a worker's batch."""
-        return self.queue.qsize() + self._taken
+        """Jobs accepted and not yet through inference: taken over, queued, or in a worker's batch."""
+        return len(self._to_resume) + self.queue.qsize() + self._taken
 
     def start(self) -> None:
         """Start the workers."""
         for name in self._names:
             self._loops.start(name, self._work)
+        self._loops.start("resume", self._resume_jobs)
+
+    def resume(self, job_ids: list[str]) -> None:
+        """Run jobs taken over, oldest first, after those queued now."""
+        self._to_resume.extend(job_ids)
+        self._resume_wake.set()
 
     def forget(self) -> None:
         """Drop every queued job: another instance has taken them over."""
+        self._to_resume.clear()
         while not self.queue.empty():
             self.queue.get_nowait()
 
     async def stop(self) -> None:
         """Stop the workers; jobs not finished stay `processing` in the db and run next start."""
-        await asyncio.gather(*map(self._loops.stop, self._names))
+        await asyncio.gather(*map(self._loops.stop, ["resume", *self._names]))
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _resume_jobs(self) -> None:
+        while True:
+            await self._resume_wake.wait()
+            while self._to_resume:
+                if self.queue.qsize() >= RESUME_PAGE:
+                    await asyncio.sleep(0.05)
+                    continue
+                page = [self._to_resume.popleft() for _ in range(min(RESUME_PAGE, len(self._to_resume)))]
+                try:
+                    jobs = await self._store.unfinished_jobs(page)
+                except StoreUnavailable:
+                    self._to_resume.extendleft(reversed(page))
+                    await asyncio.sleep(1)
+                    continue
+                for job in jobs:
+                    self.queue.put_nowait(job)
+            self._resume_wake.clear()
 
     async def _work(self) -> None:
         while True:
@@ -2327,9 +2359,6 @@ class InferenceWorkers:
 # ---------------------------------------------------------------------------
 
 
-RESUME_PAGE = 500  # taken-over jobs read from the db at a time
-
-
 class Instance:
     """This instance among those sharing the db: it heartbeats, fences itself when it cannot,
     and takes over the work of instances presumed dead.
@@ -2348,41 +2377,17 @@ class Instance:
         self._fence = fence
         self._loops = loops
         self._reachable = True
-        self._to_resume: deque[str] = deque()  # ids of jobs taken over, not yet queued
-        self._resume_wake = asyncio.Event()
 
     async def start(self) -> Takeover:
         """Heartbeat, take over what was left unfinished, and keep doing both; what was taken."""
         await self._renew()
         takeover = await self._take_over()
         self._loops.start("heartbeat", self._keep_alive)
-        self._loops.start("resume", self._resume_jobs)
         return takeover
 
     async def stop(self) -> None:
         """Stop heartbeating (the store hands the work over once the rest has stopped)."""
-        await self._loops.stop("resume")
         await self._loops.stop("heartbeat")
-
-    async def _resume_jobs(self) -> None:
-        # A page at a time, when the workers are near the end of their queue: a backlog of
-        # any size costs memory for a page, not for every text in it.
-        while True:
-            await self._resume_wake.wait()
-            while self._to_resume:
-                if self._workers.queue.qsize() >= RESUME_PAGE:
-                    await asyncio.sleep(0.05)
-                    continue
-                page = [self._to_resume.popleft() for _ in range(min(RESUME_PAGE, len(self._to_resume)))]
-                try:
-                    jobs = await self._store.unfinished_jobs(page)
-                except StoreUnavailable:
-                    self._to_resume.extendleft(reversed(page))
-                    await asyncio.sleep(1)
-                    continue
-                for job in jobs:
-                    self._workers.queue.put_nowait(job)
-            self._resume_wake.clear()
 
     async def _keep_alive(self) -> None:
         while True:
@@ -2398,7 +2403,6 @@ class Instance:
                             self._store.instance)
                 self._workers.forget()
                 self._engine.forget()
-                self._to_resume.clear()
                 await self._store.rejoin()
         except StoreUnavailable as exc:
             if self._reachable:
@@ -2417,8 +2421,7 @@ class Instance:
         except StoreUnavailable:
             return Takeover([], [])
         if takeover.job_ids:
-            self._to_resume.extend(takeover.job_ids)
-            self._resume_wake.set()
+            self._workers.resume(takeover.job_ids)
         for when, job_id in takeover.deliveries:
             self._engine.schedule(job_id, when)
         return takeover
