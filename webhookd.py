@@ -1057,6 +1057,7 @@ class PostgresStore(Store):
         self._timeout = timeout
         self._listener: Any = None
         self._news = asyncio.Event()
+        self._unreachable: str | None = None  # why the last query found no database, until one does
         super().__init__(loops)
 
     @classmethod
@@ -1163,17 +1164,24 @@ class PostgresStore(Store):
         # quiet service's are, then takes one round trip where BEGIN and COMMIT made it three.
         await self._connected(run, begin=len(grouped) > 1)
 
+    def problem(self) -> str | None:
+        return self._unreachable
+
     async def _connected(self, work: Callable[[Any], Awaitable[Any]], begin: bool = True) -> Any:
         """Run work on a pooled connection, between BEGIN and COMMIT if begin."""
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
                 if not begin:
-                    return await work(conn)
-                async with conn.transaction():
-                    return await work(conn)
+                    result = await work(conn)
+                else:
+                    async with conn.transaction():
+                        result = await work(conn)
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                 asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError) as exc:
-            raise StoreUnavailable(f"the database cannot be reached: {_pg_error(exc)}") from None
+            self._unreachable = f"the database cannot be reached: {_pg_error(exc)}"
+            raise StoreUnavailable(self._unreachable) from None
+        self._unreachable = None
+        return result
 
 
 def _from_whom(gone: list[Row]) -> str:
