@@ -2511,6 +2511,27 @@ def test_the_server_options_apply_idle_connections_close_and_requests_are_not_lo
     assert "GET /healthz" not in err, err  # the access log is for --log-level debug
 
 
+async def test_a_malformed_answer_is_one_line_without_the_urls_query(
+    service: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def answer_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 2x0 OK\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_garbage, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook?token=sekrit-123"
+        job_id = (await submit(service, webhook_url=url, retry_policy={"max_retries": 0}))["job_id"]
+        status = await wait_for_status(service, job_id, "failed")
+    finally:
+        server.close()
+    error = status["attempts"][0]["error"]
+    assert "Bad status line" in error and "\n" not in error, error
+    assert "sekrit" not in error and "sekrit" not in caplog.text, (error, caplog.text)
+
+
 @both_stores
 async def test_a_redelivery_is_marked_in_the_log(
     make_service: Callable[..., Any], receiver: Receiver, caplog: pytest.LogCaptureFixture

@@ -2096,7 +2096,7 @@ class DeliveryEngine:
             return Outcome(None, f"connection error: {exc.os_error.strerror or exc.os_error}")
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             _raise_if_out_of_files(exc)
-            return Outcome(None, f"{type(exc).__name__}: {exc}")
+            return Outcome(None, _attempt_error(exc, target.url))
 
 
 OUT_OF_FILES_PAUSE = 1.0  # seconds before a delivery that found no file descriptor tries again
@@ -2157,6 +2157,15 @@ async def _answer(response: aiohttp.ClientResponse) -> str:
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return json.dumps({"headers": headers, "body": kept.decode("utf-8", "replace"),
                        "truncated": received > len(kept) or size > ANSWER_BYTES}, ensure_ascii=False)
+
+
+def _attempt_error(exc: Exception, url: URL) -> str:
+    """An exception as one line of an attempt's error: aiohttp's texts name the URL, whose query
+    often holds a receiver's credential, and some span several lines."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    for spelling in {str(url), url.human_repr()}:
+        text = text.replace(spelling, loggable_url(spelling))
+    return text.replace(url.raw_query_string, "...") if url.raw_query_string else text
 
 
 def _outcome_of(response: aiohttp.ClientResponse, now: float, answer: str) -> Outcome:
