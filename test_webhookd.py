@@ -1437,6 +1437,9 @@ async def test_other_bad_requests_get_json_errors(service: TestClient) -> None:
         (service.post("/predict", json={"text": "ok"}, headers={"Idempotency-Key": ""}), 400, "Idempotency-Key"),
         (service.post("/predict", json={"text": "ok"}, headers={"Idempotency-Key": "k" * 256}), 400,
          "Idempotency-Key"),
+        (service.post("/webhooks/redeliver", json={"since": "0001-01-01T00:00:00+14:00"}), 400, "ISO-8601"),
+        (service.post("/webhooks/redeliver", json={"since": "2026-01-01T00:00:00Z", "until": "9999-12-31T23:59:59-14:00"}),
+         400, "ISO-8601"),
     ]
     for request, status, message in cases:
         response = await request
@@ -1474,6 +1477,19 @@ async def test_odd_bytes_in_headers_query_and_encoding_never_get_a_5xx(
     assert status < 500, body
     if status >= 400:
         assert "error" in json.loads(body)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"y" * 9000 + b"\r\n\r\n",
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nhello",
+], ids=["long-request-line", "long-header", "bad-framing"])
+async def test_what_is_not_valid_http_gets_a_json_400(
+    service: TestClient, request_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    status, body = await raw_request(service, request_bytes)
+    assert status == 400 and "not a valid HTTP request" in json.loads(body)["error"], body
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # a client's mistake
 
 
 async def test_a_missing_content_type_is_read_as_json(service: TestClient) -> None:

@@ -61,7 +61,7 @@ from typing import Any, NamedTuple
 import aiohttp
 import aiosqlite
 import asyncpg
-from aiohttp import web
+from aiohttp import web, web_protocol
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
@@ -2658,11 +2658,12 @@ def _redelivery_window(fields: dict[str, Any]) -> tuple[float, float, bool]:
 def _moment(name: str, value: Any) -> float:
     try:
         moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else None
-    except ValueError:
-        moment = None
-    if moment is None:
-        raise web.HTTPBadRequest(text=f"field {name!r} must be an ISO-8601 time, like 2026-01-31T00:00:00Z")
-    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
+        # In UTC, a time at either end of the calendar can fall off it (year 0 or 10000).
+        return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).astimezone(  # type: ignore[union-attr]
+            dt.timezone.utc).timestamp()
+    except (AttributeError, ValueError, OverflowError):
+        raise web.HTTPBadRequest(
+            text=f"field {name!r} must be an ISO-8601 time from year 1 to 9999, like 2026-01-31T00:00:00Z") from None
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -2714,6 +2715,29 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return web.json_response({"error": "internal error; the server log has the details"}, status=500)
+
+
+def _json_protocol_errors(handle_error: Callable[..., web.StreamResponse]) -> Callable[..., web.StreamResponse]:
+    """aiohttp's answer to what it cannot parse as HTTP (a request line or header over 8 KiB, bad
+    framing), JSON like every other error.
+
+    aiohttp answers those in plain text before any middleware runs, and offers no hook for it;
+    this wraps its handler's method, for every aiohttp server in the process.
+    """
+    @functools.wraps(handle_error)
+    def json_error(self: web_protocol.RequestHandler, request: web.BaseRequest, status: int = 500,
+                   exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:  # logged, or refused: an answer has begun
+            return handle_error(self, request, status, exc, message)
+        log.debug("not a valid HTTP request from %s: %s", request.remote, message)  # the client's mistake
+        error = web.json_response({"error": f"not a valid HTTP request: {message or status}"}, status=status)
+        error.force_close()
+        return error
+
+    return json_error
+
+
+web_protocol.RequestHandler.handle_error = _json_protocol_errors(web_protocol.RequestHandler.handle_error)  # type: ignore[method-assign]
 
 
 MAX_REQUESTS_PER_CLIENT = 256  # at once, from one address: room for a load balancer's connections
