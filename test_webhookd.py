@@ -536,13 +536,21 @@ async def test_rotated_secrets_all_sign_so_old_and_new_receivers_verify(
 
 
 def test_signing_key_rules() -> None:
-    assert webhookd.signing_key("whsec_" + base64.b64encode(b"k3y").decode()) == b"k3y"
-    assert webhookd.signing_key("whsec_YWJj") == b"abc"
-    assert webhookd.signing_key("whsec_YWI") == b"ab"  # unpadded base64, as some providers print it
-    assert webhookd.signing_key("plain-secret") == b"plain-secret"
-    for bad in ("", "whsec_", "whsec_not*base64"):
+    key = b"sixteen byte key"
+    assert webhookd.signing_key("whsec_" + base64.b64encode(key).decode()) == key
+    assert webhookd.signing_key("whsec_" + base64.b64encode(key + b"!").decode().rstrip("=")) == key + b"!"  # unpadded
+    assert webhookd.signing_key("plain secret key") == b"plain secret key"
+    for bad in ("", "whsec_", "whsec_not*base64", "fifteen bytes!!", "whsec_" + base64.b64encode(key[:15]).decode()):
         with pytest.raises(ValueError):
             webhookd.signing_key(bad)
+
+
+def test_a_short_key_is_refused_in_one_line_that_does_not_repeat_it(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(HERE / "webhookd.py"), "--secret", "my plain secret?", "--port", "0",
+                           "--db", str(tmp_path / "never.db")], capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode != 0 and done.stderr.count("\n") == 1, done.stderr
+    assert "at least 16 bytes" in done.stderr and "key 1 of 3" in done.stderr, done.stderr
+    assert "plain" not in done.stderr and "my " not in done.stderr, done.stderr
 
 
 def test_receiver_side_verification_rejects_stale_and_forged_requests() -> None:
@@ -2569,11 +2577,11 @@ async def test_the_db_and_its_wal_are_readable_by_the_owner_only(service: TestCl
 
 
 def test_secrets_can_come_from_files_not_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "secret").write_text("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw whsec_b2xk\n")
+    (tmp_path / "secret").write_text("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw an-old-plain-secret\n")
     (tmp_path / "key").write_text("key-from-file\n")
     config = webhookd.config_from_args(webhookd.parse_args(
         ["--secret-file", str(tmp_path / "secret"), "--api-key-file", str(tmp_path / "key")]))
-    assert config.secrets == (SECRET, "whsec_b2xk") and config.api_key == "key-from-file"
+    assert config.secrets == (SECRET, "an-old-plain-secret") and config.api_key == "key-from-file"
     with pytest.raises(ValueError, match="--secret or --secret-file, not both"):
         webhookd.config_from_args(webhookd.parse_args(["--secret", "x", "--secret-file", str(tmp_path / "secret")]))
     monkeypatch.setenv("WEBHOOKD_API_KEY_FILE", str(tmp_path / "missing"))
@@ -2975,13 +2983,13 @@ def test_config_reads_flags_then_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("WEBHOOKD_WORKERS", "7")
     monkeypatch.setenv("WEBHOOKD_MAX_RETRIES", "5")
     monkeypatch.setenv("WEBHOOKD_ALLOW_PRIVATE_URLS", "true")
-    config = webhookd.config_from_args(webhookd.parse_args(["--max-retries", "2", "--secret", "a b"]))
+    config = webhookd.config_from_args(webhookd.parse_args(["--max-retries", "2", "--secret", f"{SECRET} {'b' * 16}"]))
     assert config.workers == 7 and config.retry.max_retries == 2 and config.allow_private_urls
-    assert config.secrets == ("a", "b")
+    assert config.secrets == (SECRET, "b" * 16)
     monkeypatch.setenv("WEBHOOKD_PORT", "8123")
-    monkeypatch.setenv("WEBHOOKD_SECRET", "shared")
+    monkeypatch.setenv("WEBHOOKD_SECRET", "a-shared-secret-key")
     receive = webhookd.parse_args(["receive"])
-    assert receive.port == 9000 and receive.secret == "shared"  # never the service's port
+    assert receive.port == 9000 and receive.secret == "a-shared-secret-key"  # never the service's port
     monkeypatch.delenv("WEBHOOKD_PORT")
     defaults = webhookd.config_from_args(webhookd.parse_args(["serve"]))
     assert defaults.port == 8000 and defaults.retry.max_retries == 5

@@ -180,11 +180,13 @@ class Config:
             )
             if failed
         ]
-        for secret in self.secrets:
+        for number, secret in enumerate(self.secrets, 1):
             try:
                 signing_key(secret)
-            except ValueError as exc:
-                problems.append(f"--secret: {exc}")
+            except ValueError as exc:  # its message never repeats the secret
+                which = (f" (key {number} of {len(self.secrets)}: spaces separate the keys of a rotation)"
+                         if len(self.secrets) > 1 else "")
+                problems.append(f"--secret{which}: {exc}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -1223,21 +1225,21 @@ def _pg_error(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------
 
 SIGNATURE_TOLERANCE = 300  # Standard Webhooks: receivers reject timestamps 5 minutes off
+MIN_KEY_BYTES = 16  # 128 bits: below that an HMAC key can be guessed
 
 
 def signing_key(secret: str) -> bytes:
-    """The HMAC key of a secret: base64-decoded after whsec_, else its UTF-8 bytes."""
-    if not secret:
-        raise ValueError("a secret must not be empty")
-    if not secret.startswith("whsec_"):
-        return secret.encode()
-    encoded = secret[len("whsec_"):]
-    try:
-        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-    except binascii.Error:
-        raise ValueError("a whsec_ secret must be base64 after the prefix") from None
-    if not key:
-        raise ValueError("a whsec_ secret must not be empty after the prefix")
+    """The HMAC key of a secret: base64-decoded after whsec_, else its UTF-8 bytes; at least
+    MIN_KEY_BYTES, or a ValueError that says why without repeating the secret."""
+    key = secret.encode()
+    if secret.startswith("whsec_"):
+        encoded = secret[len("whsec_"):]
+        try:
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except binascii.Error:
+            raise ValueError("a whsec_ secret must be base64 after the prefix") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"a signing key must be at least {MIN_KEY_BYTES} bytes, and this one is {len(key)}")
     return key
 
 
