@@ -222,7 +222,7 @@ def config(tmp_path: Path, store: str, request: pytest.FixtureRequest) -> Config
 async def query(db: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     """Rows of a query straight from either store's database, as committed."""
     if not db.startswith("postgresql://"):
-        with contextlib.closing(sqlite3.connect(db)) as connection:
+        with contextlib.closing(sqlite3.connect(db)) as connection, connection:  # committed, if it writes
             return connection.execute(sql, params).fetchall()
     connection = await asyncpg.connect(db)
     try:
@@ -998,6 +998,62 @@ async def test_the_job_list_filters_and_pages_newest_first(
                         ("?limit=0", "limit"), ("?before=xyz", "before"), ("?q=%3Cb%3E", "q")):
         status, body = await listed(query)
         assert status == 400 and word in body["error"], (query, body)
+
+
+@both_stores
+async def test_the_pending_filter_finds_running_jobs_and_pending_deliveries_through_small_indexes(
+    make_service: Callable[..., Any], receiver: Receiver, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_gate.clear()
+    service = await make_service(model="test_webhookd:gated_model", workers=1)
+    try:
+        running = (await submit(service, webhook_url=receiver.url()))["job_id"]
+        await submit(service)  # running too, but with no webhook: no delivery at all
+        await query(config.db, "INSERT INTO jobs (id, text, webhook_url, status, created_at, owner)"
+                    " VALUES ('job-0', 'x', 'http://x/', 'completed', 0, 'i') RETURNING id")
+        await query(config.db, "INSERT INTO deliveries (job_id, url, payload, status, next_attempt_at, owner)"
+                    " VALUES ('job-0', 'http://x/', '', 'pending', 2e9, 'i') RETURNING job_id")
+        store = service.app[webhookd.STORE]
+        asked: list[tuple[str, Any]] = []
+
+        async def fetch(sql: str, params: Any = ()) -> Any:
+            asked.append((sql, params))
+            return await original(sql, params)
+
+        original = store._fetch
+        monkeypatch.setattr(store, "_fetch", fetch)
+        page = await (await service.get("/jobs?delivery_status=pending")).json()
+        assert [(j["job_id"], j["delivery_status"]) for j in page["jobs"]] == [(running, "pending"), ("job-0", "pending")]
+    finally:
+        model_gate.set()
+    if config.db.startswith("postgresql://"):
+        return
+    [(sql, params)] = asked
+    with contextlib.closing(sqlite3.connect(config.db)) as db:
+        plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, params)]
+    scans = [step for step in plan if step.startswith(("SCAN j", "SCAN d"))]  # of tables, not of subqueries
+    assert scans and all("jobs_not_completed" in step or "deliveries_not_delivered" in step for step in scans), plan
+
+
+async def test_a_burst_of_job_lists_runs_a_few_at_a_time(service: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = service.app[webhookd.STORE]
+    running, most = 0, 0
+
+    async def fetch(sql: str, params: Any = ()) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.01)
+            return await original(sql, params)
+        finally:
+            running -= 1
+
+    original = store._fetch
+    monkeypatch.setattr(store, "_fetch", fetch)
+    answers = await asyncio.gather(*(service.get("/jobs?delivery_status=failed") for _ in range(20)))
+    assert [a.status for a in answers] == [200] * 20
+    assert most == webhookd.LIST_QUERIES_AT_ONCE
 
 
 @both_stores

@@ -465,6 +465,7 @@ class Store:
         self._pending: list[tuple[Sequence[Statement], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._closing = False
+        self._listing = asyncio.Semaphore(LIST_QUERIES_AT_ONCE)
         self._committer = loops.start("committer", self._commit_forever)
 
     async def close(self) -> None:
@@ -621,36 +622,34 @@ class Store:
                         before: str | None, limit: int) -> list[Row]:
         """(job_id, status, created_at, completed_at, webhook_url, delivery_status, attempts,
         last_error, next_attempt_at) of jobs newest first, filtered, below the id `before`."""
-        # Most jobs end completed and delivered: a filter on the other statuses reads a small
-        # partial index, spelt out for the planner, and for deliveries it drives the query.
-        rare_deliveries = bool(delivery_statuses) and not {"delivered", "pending"} & set(delivery_statuses)
-        key = "d.job_id" if rare_deliveries else "j.id"
-        conditions, params = [], []
+        # Most jobs end completed and delivered: a filter on the other statuses reads small
+        # partial indexes, spelt out for the planner. A pending delivery is a stored one, or the
+        # webhook of a job still running, which has no delivery row yet: two sources, each read
+        # newest first through its own index.
+        common, params = [], list(statuses)
         if statuses:
-            conditions.append(f"j.status IN ({','.join('?' * len(statuses))})")
-            params.extend(statuses)
+            common.append(f"j.status IN ({','.join('?' * len(statuses))})")
             if "completed" not in statuses:
-                conditions.append("j.status <> 'completed'")
-        if delivery_statuses:
-            conditions.append(f"{DELIVERY_STATUS} IN ({','.join('?' * len(delivery_statuses))})")
-            params.extend(delivery_statuses)
-            if rare_deliveries:
-                conditions.append("d.status <> 'delivered'")
-        if prefix:  # a range, so that the primary key finds it
-            conditions.append(f"{key} >= ? AND {key} < ?")
-            params.extend((prefix, prefix + "~"))
-        if before:
-            conditions.append(f"{key} < ?")
-            params.append(before)
-        source = ("deliveries d JOIN jobs j ON j.id = d.job_id" if rare_deliveries
-                  else "jobs j LEFT JOIN deliveries d ON d.job_id = j.id")
-        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-        return await self._fetch(
-            f"SELECT j.id, j.status, j.created_at, j.completed_at, j.webhook_url, {DELIVERY_STATUS},"
-            " coalesce(d.attempts, 0), d.last_error, d.next_attempt_at"
-            f" FROM {source}{where} ORDER BY {key} DESC LIMIT ?",
-            (*params, limit),
-        )
+                common.append("j.status <> 'completed'")
+        if not delivery_statuses or "delivered" in delivery_statuses:
+            if delivery_statuses:
+                common.append(f"{DELIVERY_STATUS} IN ({','.join('?' * len(delivery_statuses))})")
+            parts = [_job_page(ALL_JOBS, "j.id", common, [*params, *delivery_statuses], prefix, before, limit)]
+        else:
+            stored = [*common, "d.status <> 'delivered'", f"d.status IN ({','.join('?' * len(delivery_statuses))})"]
+            parts = [_job_page(STORED_DELIVERIES, "d.job_id", stored, [*params, *delivery_statuses], prefix, before, limit)]
+            if "pending" in delivery_statuses and (not statuses or "processing" in statuses):
+                running = [*common, "j.status <> 'completed'", "j.status = 'processing'", "j.webhook_url IS NOT NULL",
+                           "d.job_id IS NULL"]
+                parts.append(_job_page(ALL_JOBS, "j.id", running, params, prefix, before, limit))
+        async with self._listing:  # a burst of lists leaves the reads of requests and the engine room
+            if len(parts) == 1:
+                return await self._fetch(*parts[0])
+            return await self._fetch(
+                " UNION ALL ".join(f"SELECT * FROM ({sql}) AS part{n}" for n, (sql, _) in enumerate(parts))
+                + " ORDER BY 1 DESC LIMIT ?",
+                (*(param for _, part_params in parts for param in part_params), limit),
+            )
 
     async def failed_between(self, since: float, until: float, limit: int) -> int:
         """How many deliveries became failed between `since` and `until` (at most `limit`)."""
@@ -781,6 +780,25 @@ class Store:
 
 # A job with a webhook and no delivery row yet is still running: its delivery is pending.
 DELIVERY_STATUS = "coalesce(d.status, CASE WHEN j.webhook_url IS NOT NULL THEN 'pending' END)"
+ALL_JOBS = "jobs j LEFT JOIN deliveries d ON d.job_id = j.id"
+STORED_DELIVERIES = "deliveries d JOIN jobs j ON j.id = d.job_id"
+LIST_QUERIES_AT_ONCE = 2
+
+
+def _job_page(source: str, key: str, conditions: list[str], params: list[Any], prefix: str | None,
+              before: str | None, limit: int) -> Statement:
+    """One query of the job list: a page of `source`, newest first by `key`."""
+    conditions, params = list(conditions), list(params)
+    if prefix:  # a range, so that the primary key finds it
+        conditions.append(f"{key} >= ? AND {key} < ?")
+        params.extend((prefix, prefix + "~"))
+    if before:
+        conditions.append(f"{key} < ?")
+        params.append(before)
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    return (f"SELECT j.id, j.status, j.created_at, j.completed_at, j.webhook_url, {DELIVERY_STATUS},"
+            " coalesce(d.attempts, 0), d.last_error, d.next_attempt_at"
+            f" FROM {source}{where} ORDER BY {key} DESC LIMIT ?", (*params, limit))
 
 
 def _new_instance_id() -> str:
