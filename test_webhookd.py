@@ -1476,6 +1476,25 @@ async def test_odd_bytes_in_headers_query_and_encoding_never_get_a_5xx(
         assert "error" in json.loads(body)
 
 
+@both_stores
+async def test_a_nul_character_is_a_400_naming_the_field_or_a_404_for_a_job_id(
+    service: TestClient, config: Config
+) -> None:
+    # PostgreSQL's text cannot hold a NUL, so neither store takes one: both accept the same jobs.
+    response = await service.post("/predict", json={"text": "before\u0000after"})
+    assert response.status == 400 and "'text'" in (await response.json())["error"]
+    for method, path in (("GET", "/jobs/job-%00x"), ("GET", "/webhooks/job-%00/status"),
+                         ("GET", "/webhooks/job-%00/request"), ("POST", "/webhooks/job-%00/redeliver")):
+        response = await service.request(method, path)
+        assert response.status == 404 and "no job" in (await response.json())["error"], path
+    response = await service.get("/jobs", params={"before": base64.urlsafe_b64encode(b"job-\x00").decode()})
+    assert response.status == 400 and "before" in (await response.json())["error"]
+    status, _ = await raw_request(service, b"POST /predict HTTP/1.1\r\nHost: x\r\nIdempotency-Key: a\x00b\r\n"
+                                           b"Content-Length: 13\r\nConnection: close\r\n\r\n{\"text\": \"a\"}")
+    assert status == 400  # refused by aiohttp's parser already, as any control character in a header
+    assert await query(config.db, "SELECT count(*) FROM jobs") == [(0,)]
+
+
 async def test_a_missing_content_type_is_read_as_json(service: TestClient) -> None:
     response = await service.post("/predict", data=b'{"text": "fine"}', skip_auto_headers=["Content-Type"])
     assert response.status == 202

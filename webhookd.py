@@ -2403,7 +2403,7 @@ async def predict(request: web.Request) -> web.Response:
 
 async def get_job(request: web.Request) -> web.Response:
     """GET /jobs/{job_id}: the job, its status and result."""
-    job_id = request.match_info["job_id"]
+    job_id = _job_id(request)
     row = await request.app[STORE].job(job_id)
     if row is None:
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
@@ -2420,7 +2420,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def webhook_status(request: web.Request) -> web.Response:
     """GET /webhooks/{job_id}/status: the delivery's status and every attempt."""
-    job_id = request.match_info["job_id"]
+    job_id = _job_id(request)
     store = request.app[STORE]
     webhook = await _find_webhook(store, job_id)
     attempts = await store.attempts(job_id)
@@ -2459,7 +2459,7 @@ async def dead_letter(request: web.Request) -> web.Response:
 
 async def redeliver(request: web.Request) -> web.Response:
     """POST /webhooks/{job_id}/redeliver: a new round of attempts, same body and webhook-id."""
-    job_id = request.match_info["job_id"]
+    job_id = _job_id(request)
     app = request.app
     webhook = await _find_webhook(app[STORE], job_id)
     engine = app[ENGINE]
@@ -2530,7 +2530,7 @@ def _cursor(value: str | None) -> str | None:
         job_id = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("ascii")
     except (binascii.Error, ValueError):
         job_id = ""
-    if not job_id.startswith("job-"):
+    if not _may_be_job_id(job_id):
         raise web.HTTPBadRequest(text="before must be the 'next' of a previous page")
     return job_id
 
@@ -2742,7 +2742,7 @@ def _text(value: Any) -> str:
         raise web.HTTPBadRequest(text="field 'text' must not be empty or only whitespace")
     if len(value) > MAX_TEXT_CHARS:
         raise web.HTTPBadRequest(text=f"field 'text' is {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
-    _require_unicode("text", value)
+    _require_storable("text", value)
     return value
 
 
@@ -2753,7 +2753,7 @@ def _webhook_url(value: Any, allow_private_urls: bool) -> str | None:
         raise web.HTTPBadRequest(text="field 'webhook_url' must be a string")
     if len(value) > MAX_URL_CHARS:
         raise web.HTTPBadRequest(text=f"field 'webhook_url' is longer than {MAX_URL_CHARS} characters")
-    _require_unicode("webhook_url", value)
+    _require_storable("webhook_url", value)
     if not value.isprintable() or any(c.isspace() for c in value):
         raise web.HTTPBadRequest(text="field 'webhook_url' must not contain spaces or control characters")
     try:
@@ -2785,11 +2785,15 @@ def _retry_policy(value: Any) -> dict[str, Any] | None:
     return {name: int(number) if RETRY_POLICY_BOUNDS[name].integer else number for name, number in value.items()} or None
 
 
-def _require_unicode(name: str, value: str) -> None:
+def _require_storable(name: str, value: str) -> None:
+    # UTF-8 cannot hold an unpaired surrogate, nor PostgreSQL's text a NUL: both stores refuse
+    # both, so that they accept the same jobs.
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise web.HTTPBadRequest(text=f"field {name!r} contains an unpaired surrogate (\\ud800-\\udfff)") from None
+    if "\x00" in value:
+        raise web.HTTPBadRequest(text=f"field {name!r} must not contain a NUL character (\\u0000)")
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -2903,6 +2907,19 @@ async def _add_job_once(app: web.Application, job: Job, key: str, request_hash: 
             text="this Idempotency-Key was used with a different body; use a new key for a new job"
         )
     return row[0], bool(row[1]), True
+
+
+def _job_id(request: web.Request) -> str:
+    """The job id in the path; 404 at once if no job can have it."""
+    job_id = request.match_info["job_id"]
+    if not _may_be_job_id(job_id):
+        raise web.HTTPNotFound(text=f"no job {job_id!r}")
+    return job_id
+
+
+def _may_be_job_id(value: str) -> bool:
+    # Every id is webhookd's own, printable ASCII; PostgreSQL could not even be asked about a NUL.
+    return value.startswith("job-") and value.isascii() and value.isprintable()
 
 
 class Webhook(NamedTuple):
@@ -3278,7 +3295,7 @@ async def stats(request: web.Request) -> web.Response:
 
 async def request_sent(request: web.Request) -> web.Response:
     """GET /webhooks/{job_id}/request: the body every attempt sent, and each attempt's headers."""
-    job_id = request.match_info["job_id"]
+    job_id = _job_id(request)
     store = request.app[STORE]
     payload = await store.payload(job_id)
     if payload is None:
