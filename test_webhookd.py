@@ -163,13 +163,18 @@ class PostgresCluster:
     def new_database(self) -> str:
         """The URL of a fresh, empty schema: as good as a new database here, and 100 times faster to make."""
         name = f"test_{secrets.token_hex(6)}"
-        subprocess.run([str(self.bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                        "-q", "-c", f"CREATE SCHEMA {name}"], check=True, capture_output=True, timeout=60)
+        self.psql(f"CREATE SCHEMA {name}")
         return f"{self.url()}?search_path={name}"
 
-    def url(self, database: str = "postgres", password: str = "") -> str:
-        user = f"postgres:{password}" if password else "postgres"
+    def url(self, database: str = "postgres", user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    def psql(self, *statements: str, database: str = "postgres") -> None:
+        """Run statements as the superuser, each in a transaction of its own."""
+        commands = [arg for statement in statements for arg in ("-c", statement)]
+        subprocess.run([str(self.bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                        "-d", database, "-q", "-v", "ON_ERROR_STOP=1", *commands],
+                       check=True, capture_output=True, timeout=60)
 
     def _run(self, tool: str, *args: str) -> None:
         command = [str(self.bin_dir / tool), *args]
@@ -1894,6 +1899,27 @@ async def test_the_database_stopped_and_started_under_a_running_instance(
             await wait_for_status(service, job_id, "delivered")
     finally:
         cluster.remove()
+
+
+@postgres_only
+async def test_an_id_or_its_start_is_found_on_a_database_with_a_language_collation(
+    make_service: Callable[..., Any], postgres: PostgresCluster
+) -> None:
+    service = await make_service(db=collated_database(postgres))
+    first, second = [(await submit(service))["job_id"] for _ in range(2)]
+    for q, found in ((first, [first]), (first[:-1], [first]), (first[:8], [second, first]), ("job-", [second, first])):
+        listed = await (await service.get("/jobs", params={"q": q})).json()
+        assert [job["job_id"] for job in listed["jobs"]] == found, q
+
+
+def collated_database(cluster: PostgresCluster) -> str:
+    """A new database that sorts text as English does (ICU's, else glibc's), where '~' is not after letters."""
+    name = f"english_{secrets.token_hex(4)}"
+    for collation in ("LOCALE_PROVIDER icu ICU_LOCALE 'en-US'", "LC_COLLATE 'en_US.UTF-8' LC_CTYPE 'en_US.UTF-8'"):
+        with contextlib.suppress(subprocess.CalledProcessError):
+            cluster.psql(f"CREATE DATABASE {name} TEMPLATE template0 {collation}")
+            return cluster.url(name)
+    pytest.skip("this PostgreSQL has neither ICU nor the en_US.UTF-8 locale")
 
 
 async def healthy(client: TestClient) -> bool:

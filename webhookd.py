@@ -409,6 +409,9 @@ def new_job_id() -> str:
     return "job-%012x%s" % (time.time_ns() // 1_000_000, secrets.token_hex(10))
 
 
+WHOLE_JOB_ID = re.compile(r"job-[0-9a-f]{32}")  # as new_job_id makes them
+
+
 def job_id_at(moment: float) -> str:
     """Below every id of a job made at `moment` (Unix seconds) or later, above every earlier one."""
     return "job-%012x" % int(moment * 1000)
@@ -457,6 +460,7 @@ class Store:
     """
 
     MAX_WRITES_PER_COMMIT = 1000
+    BYTE_ORDER = ""  # how to compare text in byte order, if the database's own order may be another
 
     def __init__(self, loops: Loops) -> None:
         self.instance = _new_instance_id()
@@ -634,8 +638,11 @@ class Store:
             params.extend(delivery_statuses)
             if rare_deliveries:
                 conditions.append("d.status <> 'delivered'")
-        if prefix:  # a range, so that the primary key finds it
-            conditions.append(f"{key} >= ? AND {key} < ?")
+        if prefix and WHOLE_JOB_ID.fullmatch(prefix):  # the primary key finds it
+            conditions.append(f"{key} = ?")
+            params.append(prefix)
+        elif prefix:  # ids are ASCII, and '~' comes after every other ASCII character, in byte order
+            conditions.append(f"{key}{self.BYTE_ORDER} >= ? AND {key}{self.BYTE_ORDER} < ?")
             params.extend((prefix, prefix + "~"))
         if before:
             conditions.append(f"{key} < ?")
@@ -997,6 +1004,8 @@ class PostgresStore(Store):
     """
 
     NEWS = "webhookd_handover"
+    # A database made with a language's collation (en_US.UTF-8, ICU's) sorts '~' before letters.
+    BYTE_ORDER = ' COLLATE "C"'
     SCHEMA_LOCK = 0x77656268  # pg_advisory_xact_lock key: "webh"
 
     def __init__(self, pool: Any, dsn: str, timeout: float, loops: Loops) -> None:
