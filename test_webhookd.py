@@ -1949,21 +1949,36 @@ def run_webhookd(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+PASSWORD = "pa55-not-to-be-seen"
+
+
+def with_password(db: str, form: str) -> str:
+    """db with PASSWORD in it, in one of the two places asyncpg reads one from."""
+    if form == "user:password@":
+        return db.replace("postgres@", f"postgres:{PASSWORD}@")
+    return f"{db}{'&' if '?' in db else '?'}password={PASSWORD}"
+
+
 @postgres_only
+@pytest.mark.parametrize("form", ["user:password@", "?password="])
 async def test_a_postgres_password_appears_nowhere(
     make_service: Callable[..., Any], receiver: Receiver, config: Config, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str], form: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    password = "pa55-not-to-be-seen"
-    service = await make_service(db=config.db.replace("postgres@", f"postgres:{password}@"), secrets=())
-    assert password in service.app[CONFIG].db
+    service = await make_service(db=with_password(config.db, form), secrets=())
+    assert PASSWORD in service.app[CONFIG].db
     job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
     await wait_for_status(service, job_id, "delivered")
     for path in ("/healthz", "/metrics", f"/jobs/{job_id}", f"/webhooks/{job_id}/status"):
-        assert password not in await (await service.get(path)).text()
-    assert password not in caplog.text
-    refused = await asyncio.to_thread(run_webhookd, "--db", f"postgresql://postgres:{password}@127.0.0.1:1/x")
-    assert refused.returncode == 1 and "postgres:***@" in refused.stderr and password not in refused.stderr
+        assert PASSWORD not in await (await service.get(path)).text()
+    await service.close()
+    assert "webhookd stopping" in caplog.text  # the start-up line, the stop line and all between
+    assert PASSWORD not in caplog.text
+    assert "***" in capsys.readouterr().out  # the generated secret's banner names the db
+    refused = await asyncio.to_thread(run_webhookd, "--db", with_password("postgresql://postgres@127.0.0.1:1/x", form))
+    assert refused.returncode == 1 and "cannot connect to" in refused.stderr, refused.stderr
+    assert "***" in refused.stderr and PASSWORD not in refused.stderr, refused.stderr
 
 
 async def test_a_second_instance_on_one_sqlite_file_refuses_to_start(
@@ -2900,6 +2915,14 @@ def test_config_reads_flags_then_environment(monkeypatch: pytest.MonkeyPatch) ->
 def test_bad_configuration_says_what_to_fix(args: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         webhookd.config_from_args(webhookd.parse_args(args))
+
+
+@pytest.mark.parametrize("db", [f"mysql://root:{PASSWORD}@127.0.0.1/jobs", "sqlite:///webhookd.db"])
+def test_a_db_url_that_is_not_postgresql_is_refused_in_one_line(db: str) -> None:
+    done = run_webhookd("--db", db)
+    assert done.returncode != 0 and "Running on" not in done.stdout
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "file path" in done.stderr and "postgresql://" in done.stderr and PASSWORD not in done.stderr
 
 
 @both_stores

@@ -52,6 +52,7 @@ import socket
 import sqlite3
 import sys
 import time
+import urllib.parse
 from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,26 @@ JOB_FIELDS = ("text", "webhook_url", "retry_policy")
 USER_AGENT = f"webhookd/{__version__}"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # any other --db is an SQLite file
+# Where asyncpg reads a password in a --db URL: user:password@ before the host (up to its last
+# @, as urllib splits it), and the password= and sslpassword= query parameters.
+DB_PASSWORDS = (
+    re.compile(r"^([^:/?#]+://[^:/?#@]*:)([^/?#]*)(@)"),
+    re.compile(r"([?&](?:ssl)?password=)([^&#]*)()"),
+)
+
+
+def redacted(db: str) -> str:
+    """--db as it may be shown: a URL without its passwords."""
+    for pattern in DB_PASSWORDS:
+        db = pattern.sub(r"\1***\3", db)
+    return db
+
+
+def db_passwords(db: str) -> list[str]:
+    """The passwords in --db, as written and percent-decoded, to keep out of every log line."""
+    written = [match[2] for pattern in DB_PASSWORDS for match in pattern.finditer(db) if match[2]]
+    return [form for password in written for form in {password, urllib.parse.unquote(password)}]
 
 
 class Bound(NamedTuple):
@@ -177,6 +198,9 @@ class Config:
                 (self.log_format not in LOG_FORMATS, f"--log-format must be one of {', '.join(LOG_FORMATS)}"),
                 (not 0 <= self.port <= 65535, "--port must be 0 to 65535"),
                 (not 1 <= self.failover_after <= 3600, "--failover-after must be 1 to 3600 seconds"),
+                ("://" in self.db and not self.db.startswith(POSTGRES_SCHEMES),
+                 f"--db {redacted(self.db)} is neither a file path (SQLite)"
+                 f" nor a {' or '.join(POSTGRES_SCHEMES)} URL (PostgreSQL)"),
             )
             if failed
         ]
@@ -235,7 +259,7 @@ def configure_logging(config: Config) -> None:
     """Log to stderr at --log-level in --log-format, with the secrets hidden."""
     handler = logging.StreamHandler()
     handler.setFormatter(LogFormatter(config.log_format == "json",
-                                      [*config.secrets, config.api_key or "", URL(config.db).password or ""]))
+                                      [*config.secrets, config.api_key or "", *db_passwords(config.db)]))
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
     # At DEBUG, aiosqlite logs every statement with its parameters: texts, and the stored secret.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
@@ -439,15 +463,9 @@ class Takeover(NamedTuple):
 
 async def open_store(db: str, loops: Loops, timeout: float) -> Store:
     """The store --db names: a postgresql:// or postgres:// URL, else an SQLite file."""
-    if db.startswith(("postgresql://", "postgres://")):
+    if db.startswith(POSTGRES_SCHEMES):
         return await PostgresStore.open(db, loops, timeout)
     return await SQLiteStore.open(db, loops)
-
-
-def redacted(db: str) -> str:
-    """--db as it may be shown: a PostgreSQL URL without its password."""
-    url = URL(db) if "://" in db else None
-    return str(url.with_password("***")) if url is not None and url.password else db
 
 
 class Store:
