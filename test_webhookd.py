@@ -1941,6 +1941,22 @@ async def test_an_instance_refuses_a_newer_schema_in_one_line(make_service: Call
     assert done.stderr.count("\n") == 1 and "schema version 99" in done.stderr, done.stderr
 
 
+async def test_a_role_that_may_not_create_tables_is_told_the_fix_in_one_line(postgres: PostgresCluster) -> None:
+    # Since PostgreSQL 15 only a database's owner may create in its schema public.
+    name = f"app_{secrets.token_hex(4)}"
+    postgres.psql(f"CREATE ROLE {name} LOGIN", f"CREATE DATABASE {name}")
+    db = postgres.url(name, user=name)
+    done = await asyncio.to_thread(run_webhookd, "--db", db)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert (f'webhookd: role "{name}" may not create tables in schema public of database "{name}":'
+            f" createdb -O {name} {name}, or GRANT CREATE ON SCHEMA public TO {name}") in done.stderr
+    postgres.psql(f"GRANT CREATE ON SCHEMA public TO {name}", database=name)
+    child = ServiceProcess(db)  # started: the fix it names works
+    child.process.terminate()
+    child.process.communicate(timeout=DEADLINE)
+
+
 def run_webhookd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(HERE / "webhookd.py"), "--port", "0", *args],

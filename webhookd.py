@@ -1043,7 +1043,19 @@ class PostgresStore(Store):
         except Exception as exc:
             raise StoreRefused(f"cannot connect to {redacted(dsn)}: {_pg_error(exc)}") from None
         try:
-            async with pool.acquire() as conn, conn.transaction():
+            async with pool.acquire() as conn:
+                await cls._create_schema(conn)
+            store = cls(pool, dsn, timeout, loops)
+            await store.rejoin()
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    @classmethod
+    async def _create_schema(cls, conn: Any) -> None:
+        try:
+            async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", cls.SCHEMA_LOCK)
                 await conn.execute(SCHEMA.format(real="DOUBLE PRECISION", bytes="BYTEA", without_rowid="",
                                                  owner_indexes=POSTGRES_OWNER_INDEXES))
@@ -1052,12 +1064,10 @@ class PostgresStore(Store):
                 await conn.execute(
                     "INSERT INTO settings (name, value) VALUES ('schema_version', $1)"
                     " ON CONFLICT (name) DO UPDATE SET value = excluded.value", str(SCHEMA_VERSION))
-            store = cls(pool, dsn, timeout, loops)
-            await store.rejoin()
-        except BaseException:
-            await pool.close()
-            raise
-        return store
+        except asyncpg.InsufficientPrivilegeError:
+            raise StoreRefused(await _cannot_create_tables(conn)) from None
+        except asyncpg.PostgresError as exc:
+            raise StoreRefused(f"cannot create webhookd's tables: {_pg_error(exc)}") from None
 
     async def close(self) -> None:
         await super().close()
@@ -1175,6 +1185,15 @@ def _numbered(sql: str) -> str:
 
 def _pg_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+async def _cannot_create_tables(conn: Any) -> str:
+    # Since PostgreSQL 15 only the owner of a database may create in its schema public.
+    user, database, schema = await conn.fetchrow(
+        "SELECT current_user, current_database(), coalesce(current_schema(), 'public')")
+    owner = f"createdb -O {user} {database}, or " if schema == "public" else ""
+    return (f'role "{user}" may not create tables in schema {schema} of database "{database}":'
+            f" {owner}GRANT CREATE ON SCHEMA {schema} TO {user}")
 
 
 # ---------------------------------------------------------------------------
