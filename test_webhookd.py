@@ -1901,6 +1901,33 @@ async def test_the_database_stopped_and_started_under_a_running_instance(
         cluster.remove()
 
 
+async def test_the_database_going_away_is_one_warning_and_its_return_one_info(
+    make_receiver: Callable[..., Any]
+) -> None:
+    cluster = new_postgres_cluster()  # of its own: it is stopped
+    receiver = await make_receiver(lambda arrival, n: web.Response(status=500))  # retries fall due meanwhile
+    child = ServiceProcess(cluster.new_database(), "--log-level", "info", "--backoff-base", "0.2",
+                           "--backoff-factor", "1", "--max-retries", "100")
+    try:
+        await child.submit(text="fine", webhook_url=receiver.url())
+        await receiver.wait_for(2)
+        cluster.stop()
+        await wait_until(lambda: asyncio.to_thread(lambda: http(child.url + "/healthz")[0] == 503), "a 503")
+        await asyncio.sleep(2.5)  # a pool with a floor of connections retries it after 1 s, then 2 s
+        cluster.start()
+        await wait_until(lambda: asyncio.to_thread(lambda: http(child.url + "/healthz")[0] == 200), "a 200")
+        child.process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(child.process.communicate, timeout=DEADLINE)
+    finally:
+        child.process.kill()
+        child.process.wait()
+        cluster.remove()
+    assert "Traceback" not in stderr, stderr
+    about_the_db = [line for line in stderr.splitlines() if "database" in line]
+    assert [line.split()[1] for line in about_the_db] == ["WARNING", "INFO"], about_the_db
+    assert "cannot be reached" in about_the_db[0] and "is back" in about_the_db[1]
+
+
 @postgres_only
 async def test_an_id_or_its_start_is_found_on_a_database_with_a_language_collation(
     make_service: Callable[..., Any], postgres: PostgresCluster

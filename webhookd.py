@@ -324,7 +324,7 @@ class Loops:
             try:
                 return await run()
             except Exception:
-                log.exception("the %s loop crashed; restarting it in %.1f s", name, pause)
+                _log_failure("the %s loop crashed; restarting it in %.1f s", name, pause)
             self._down.add(name)
             try:
                 await asyncio.sleep(pause)
@@ -407,6 +407,15 @@ Row = Sequence[Any]
 
 class StoreUnavailable(Exception):
     """The database cannot be reached now: answer 503 with Retry-After, and try again later."""
+
+
+def _log_failure(message: str, *args: Any) -> None:
+    """Log the exception being handled, with its traceback unless it is the database being away."""
+    error = sys.exc_info()[1]
+    if isinstance(error, StoreUnavailable):  # the heartbeat says so once, not every loop at every try
+        log.debug(message + ": %s", *args, error)
+    else:
+        log.exception(message, *args)
 
 
 class StoreRefused(Exception):
@@ -1037,14 +1046,13 @@ class PostgresStore(Store):
     @classmethod
     async def open(cls, dsn: str, loops: Loops, timeout: float) -> PostgresStore:
         """Connect, create or upgrade the schema under an advisory lock, and join as an instance."""
+        # No floor of open connections (min_size 0): asyncpg would reconnect it in the background
+        # while the database is away, logging a traceback at every try. The heartbeat reconnects,
+        # and says once that the database has gone and once that it is back.
+        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=8, timeout=timeout,
+                                         command_timeout=timeout, reset=_nothing_to_reset)
         try:
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8, timeout=timeout,
-                                             command_timeout=timeout, reset=_nothing_to_reset)
-        except Exception as exc:
-            raise StoreRefused(f"cannot connect to {redacted(dsn)}: {_pg_error(exc)}") from None
-        try:
-            async with pool.acquire() as conn:
-                await cls._create_schema(conn)
+            await cls._create_schema(pool, dsn, timeout)
             store = cls(pool, dsn, timeout, loops)
             await store.rejoin()
         except BaseException:
@@ -1053,7 +1061,11 @@ class PostgresStore(Store):
         return store
 
     @classmethod
-    async def _create_schema(cls, conn: Any) -> None:
+    async def _create_schema(cls, pool: Any, dsn: str, timeout: float) -> None:
+        try:
+            conn = await pool.acquire(timeout=timeout)
+        except Exception as exc:
+            raise _cannot_connect(dsn, exc) from None
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", cls.SCHEMA_LOCK)
@@ -1068,6 +1080,8 @@ class PostgresStore(Store):
             raise StoreRefused(await _cannot_create_tables(conn)) from None
         except asyncpg.PostgresError as exc:
             raise StoreRefused(f"cannot create webhookd's tables: {_pg_error(exc)}") from None
+        finally:
+            await pool.release(conn)
 
     async def close(self) -> None:
         await super().close()
@@ -1185,6 +1199,10 @@ def _numbered(sql: str) -> str:
 
 def _pg_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _cannot_connect(dsn: str, exc: BaseException) -> StoreRefused:
+    return StoreRefused(f"cannot connect to {redacted(dsn)}: {_pg_error(exc)}")
 
 
 async def _cannot_create_tables(conn: Any) -> str:
@@ -1909,7 +1927,7 @@ class DeliveryEngine:
         try:
             deliveries = await self._load(job_ids)
         except Exception:
-            log.exception("could not load %d due deliveries; trying again in 1 s", len(job_ids))
+            _log_failure("could not load %d due deliveries; trying again in 1 s", len(job_ids))
             for job_id in job_ids:
                 self.schedule(job_id, time.time() + 1)
             await asyncio.sleep(1)
@@ -2044,8 +2062,8 @@ class DeliveryEngine:
                     delivery.job_id, number, started, seconds, outcome.status_code, outcome.error,
                     status, next_attempt_at, outcome.answer)
             except Exception:
-                log.exception("could not store attempt %d of %s; trying again in %.1f s",
-                              number, delivery.job_id, pause)
+                _log_failure("could not store attempt %d of %s; trying again in %.1f s",
+                             number, delivery.job_id, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 30)
 
@@ -2264,7 +2282,7 @@ class InferenceWorkers:
         try:
             deliveries = await self._record_results(jobs, outcomes)
         except Exception:
-            log.exception("could not store %d results; running those jobs again in 1 s", len(jobs))
+            _log_failure("could not store %d results; running those jobs again in 1 s", len(jobs))
             await asyncio.sleep(1)
             if owner == self._store.instance:
                 for job in jobs:
@@ -2388,7 +2406,7 @@ class Instance:
                 await self._store.rejoin()
         except StoreUnavailable as exc:
             if self._reachable:
-                log.error("cannot heartbeat, so no attempt starts until the database is back: %s", exc)
+                log.warning("cannot heartbeat, so no attempt starts until the database is back: %s", exc)
             self._reachable = False
             return
         if not self._reachable:
@@ -3648,7 +3666,7 @@ async def _prune_idempotency_keys(store: Store) -> None:
         try:
             await store.forget_idempotency_keys(time.time() - IDEMPOTENCY_KEY_LIFETIME)
         except Exception:
-            log.exception("could not forget old idempotency keys; trying again in an hour")
+            _log_failure("could not forget old idempotency keys; trying again in an hour")
         await asyncio.sleep(3600)
 
 
