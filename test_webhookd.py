@@ -3003,3 +3003,32 @@ async def test_receive_command_verifies_fails_first_attempts_and_lists(
     assert forged.status == 401
     last = (await (await receiver.get("/callbacks")).json())["callbacks"][-1]
     assert last["x_signature_ok"] is False and last["webhook_signature_error"]
+
+
+@postgres_only
+async def test_receive_reads_the_generated_secret_from_postgresql(
+    make_service: Callable[..., Any], config: Config
+) -> None:
+    service = await make_service(secrets=())
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, str(HERE / "webhookd.py"), "receive", "--db", config.db,
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=child_environment())
+    try:
+        assert "POST webhooks to" in process.stdout.readline()  # not "none in the db"
+        callback = f"http://127.0.0.1:{port}/callback"
+        assert await wait_until(lambda: answer_to_unsigned(callback), "the receiver to listen") == 401
+        job_id = (await submit(service, webhook_url=callback))["job_id"]
+        await wait_for_status(service, job_id, "delivered")  # signed with the secret in the db
+    finally:
+        process.terminate()
+        process.communicate(timeout=DEADLINE)
+
+
+async def answer_to_unsigned(url: str) -> int | None:
+    import aiohttp
+
+    with contextlib.suppress(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as session, session.post(url, data=b"{}") as response:
+            return response.status
+    return None

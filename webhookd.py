@@ -477,6 +477,13 @@ async def open_store(db: str, loops: Loops, timeout: float) -> Store:
     return await SQLiteStore.open(db, loops)
 
 
+async def secret_in_db(db: str, timeout: float) -> str | None:
+    """The generated secret kept in --db, if there is one, read without joining as an instance."""
+    if db.startswith(POSTGRES_SCHEMES):
+        return await PostgresStore.read_secret(db, timeout)
+    return await SQLiteStore.read_secret(db)
+
+
 class Store:
     """Jobs, deliveries and attempts in a database, and which instance owns each.
 
@@ -894,6 +901,18 @@ class SQLiteStore(Store):
         return cls(path, writer, reader, lock, loops)
 
     @staticmethod
+    async def read_secret(path: str) -> str | None:
+        """The generated secret, read without the lock, so also while an instance runs on the file."""
+        if not os.path.exists(path):
+            return None
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            try:
+                row = db.execute("SELECT value FROM settings WHERE name = 'secret'").fetchone()
+            except sqlite3.Error:
+                return None
+        return row[0] if row else None
+
+    @staticmethod
     async def _create_schema(writer: aiosqlite.Connection) -> None:
         version = None
         with contextlib.suppress(sqlite3.OperationalError):  # no settings table: a new file
@@ -1082,6 +1101,20 @@ class PostgresStore(Store):
             raise StoreRefused(f"cannot create webhookd's tables: {_pg_error(exc)}") from None
         finally:
             await pool.release(conn)
+
+    @staticmethod
+    async def read_secret(dsn: str, timeout: float) -> str | None:
+        """The generated secret, read on a connection of its own, without joining as an instance."""
+        try:
+            conn = await asyncpg.connect(dsn, timeout=timeout)
+        except Exception as exc:
+            raise _cannot_connect(dsn, exc) from None
+        try:
+            return await conn.fetchval("SELECT value FROM settings WHERE name = 'secret'")
+        except asyncpg.UndefinedTableError:  # no webhookd has used this database yet
+            return None
+        finally:
+            await conn.close()
 
     async def close(self) -> None:
         await super().close()
@@ -3930,7 +3963,11 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 
 
 def _receive(args: argparse.Namespace) -> int:
-    secrets_ = (args.secret or "").split() or _secret_in_db(args.db)
+    try:
+        secrets_ = (args.secret or "").split() or _secret_in_db(args.db)
+    except StoreRefused as exc:
+        print(f"webhookd receive: {exc}", file=sys.stderr)
+        return 1
     try:
         keys = [signing_key(s) for s in secrets_]
     except ValueError as exc:
@@ -3944,15 +3981,9 @@ def _receive(args: argparse.Namespace) -> int:
                 access_log=None, print=None)
 
 
-def _secret_in_db(path: str) -> list[str]:
-    if not os.path.exists(path):
-        return []
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        try:
-            row = db.execute("SELECT value FROM settings WHERE name = 'secret'").fetchone()
-        except sqlite3.Error:
-            return []
-    return [row[0]] if row else []
+def _secret_in_db(db: str) -> list[str]:
+    secret = asyncio.run(secret_in_db(db, Config.timeout))
+    return [secret] if secret else []
 
 
 if __name__ == "__main__":
