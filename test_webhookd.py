@@ -163,13 +163,18 @@ class PostgresCluster:
     def new_database(self) -> str:
         """The URL of a fresh, empty schema: as good as a new database here, and 100 times faster to make."""
         name = f"test_{secrets.token_hex(6)}"
-        subprocess.run([str(self.bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-                        "-q", "-c", f"CREATE SCHEMA {name}"], check=True, capture_output=True, timeout=60)
+        self.psql(f"CREATE SCHEMA {name}")
         return f"{self.url()}?search_path={name}"
 
-    def url(self, database: str = "postgres", password: str = "") -> str:
-        user = f"postgres:{password}" if password else "postgres"
+    def url(self, database: str = "postgres", user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    def psql(self, *statements: str, database: str = "postgres") -> None:
+        """Run statements as the superuser, each in a transaction of its own."""
+        commands = [arg for statement in statements for arg in ("-c", statement)]
+        subprocess.run([str(self.bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                        "-d", database, "-q", "-v", "ON_ERROR_STOP=1", *commands],
+                       check=True, capture_output=True, timeout=60)
 
     def _run(self, tool: str, *args: str) -> None:
         command = [str(self.bin_dir / tool), *args]
@@ -1556,6 +1561,25 @@ async def test_what_is_not_valid_http_gets_a_json_400(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # a client's mistake
 
 
+@both_stores
+async def test_a_nul_character_is_a_400_naming_the_field_or_a_404_for_a_job_id(
+    service: TestClient, config: Config
+) -> None:
+    # PostgreSQL's text cannot hold a NUL, so neither store takes one: both accept the same jobs.
+    response = await service.post("/predict", json={"text": "before\u0000after"})
+    assert response.status == 400 and "'text'" in (await response.json())["error"]
+    for method, path in (("GET", "/jobs/job-%00x"), ("GET", "/webhooks/job-%00/status"),
+                         ("GET", "/webhooks/job-%00/request"), ("POST", "/webhooks/job-%00/redeliver")):
+        response = await service.request(method, path)
+        assert response.status == 404 and "no job" in (await response.json())["error"], path
+    response = await service.get("/jobs", params={"before": base64.urlsafe_b64encode(b"job-\x00").decode()})
+    assert response.status == 400 and "before" in (await response.json())["error"]
+    status, _ = await raw_request(service, b"POST /predict HTTP/1.1\r\nHost: x\r\nIdempotency-Key: a\x00b\r\n"
+                                           b"Content-Length: 13\r\nConnection: close\r\n\r\n{\"text\": \"a\"}")
+    assert status == 400  # refused by aiohttp's parser already, as any control character in a header
+    assert await query(config.db, "SELECT count(*) FROM jobs") == [(0,)]
+
+
 async def test_a_missing_content_type_is_read_as_json(service: TestClient) -> None:
     response = await service.post("/predict", data=b'{"text": "fine"}', skip_auto_headers=["Content-Type"])
     assert response.status == 202
@@ -2000,6 +2024,54 @@ async def test_the_database_stopped_and_started_under_a_running_instance(
         cluster.remove()
 
 
+async def test_the_database_going_away_is_one_warning_and_its_return_one_info(
+    make_receiver: Callable[..., Any]
+) -> None:
+    cluster = new_postgres_cluster()  # of its own: it is stopped
+    receiver = await make_receiver(lambda arrival, n: web.Response(status=500))  # retries fall due meanwhile
+    child = ServiceProcess(cluster.new_database(), "--log-level", "info", "--backoff-base", "0.2",
+                           "--backoff-factor", "1", "--max-retries", "100")
+    try:
+        await child.submit(text="fine", webhook_url=receiver.url())
+        await receiver.wait_for(2)
+        cluster.stop()
+        await wait_until(lambda: asyncio.to_thread(lambda: http(child.url + "/healthz")[0] == 503), "a 503")
+        await asyncio.sleep(2.5)  # a pool with a floor of connections retries it after 1 s, then 2 s
+        cluster.start()
+        await wait_until(lambda: asyncio.to_thread(lambda: http(child.url + "/healthz")[0] == 200), "a 200")
+        child.process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(child.process.communicate, timeout=DEADLINE)
+    finally:
+        child.process.kill()
+        child.process.wait()
+        cluster.remove()
+    assert "Traceback" not in stderr, stderr
+    about_the_db = [line for line in stderr.splitlines() if "database" in line]
+    assert [line.split()[1] for line in about_the_db] == ["WARNING", "INFO"], about_the_db
+    assert "cannot be reached" in about_the_db[0] and "is back" in about_the_db[1]
+
+
+@postgres_only
+async def test_an_id_or_its_start_is_found_on_a_database_with_a_language_collation(
+    make_service: Callable[..., Any], postgres: PostgresCluster
+) -> None:
+    service = await make_service(db=collated_database(postgres))
+    first, second = [(await submit(service))["job_id"] for _ in range(2)]
+    for q, found in ((first, [first]), (first[:-1], [first]), (first[:8], [second, first]), ("job-", [second, first])):
+        listed = await (await service.get("/jobs", params={"q": q})).json()
+        assert [job["job_id"] for job in listed["jobs"]] == found, q
+
+
+def collated_database(cluster: PostgresCluster) -> str:
+    """A new database that sorts text as English does (ICU's, else glibc's), where '~' is not after letters."""
+    name = f"english_{secrets.token_hex(4)}"
+    for collation in ("LOCALE_PROVIDER icu ICU_LOCALE 'en-US'", "LC_COLLATE 'en_US.UTF-8' LC_CTYPE 'en_US.UTF-8'"):
+        with contextlib.suppress(subprocess.CalledProcessError):
+            cluster.psql(f"CREATE DATABASE {name} TEMPLATE template0 {collation}")
+            return cluster.url(name)
+    pytest.skip("this PostgreSQL has neither ICU nor the en_US.UTF-8 locale")
+
+
 async def healthy(client: TestClient) -> bool:
     return (await client.get("/healthz")).status == 200
 
@@ -2019,6 +2091,22 @@ async def test_an_instance_refuses_a_newer_schema_in_one_line(make_service: Call
     assert done.stderr.count("\n") == 1 and "schema version 99" in done.stderr, done.stderr
 
 
+async def test_a_role_that_may_not_create_tables_is_told_the_fix_in_one_line(postgres: PostgresCluster) -> None:
+    # Since PostgreSQL 15 only a database's owner may create in its schema public.
+    name = f"app_{secrets.token_hex(4)}"
+    postgres.psql(f"CREATE ROLE {name} LOGIN", f"CREATE DATABASE {name}")
+    db = postgres.url(name, user=name)
+    done = await asyncio.to_thread(run_webhookd, "--db", db)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert (f'webhookd: role "{name}" may not create tables in schema public of database "{name}":'
+            f" createdb -O {name} {name}, or GRANT CREATE ON SCHEMA public TO {name}") in done.stderr
+    postgres.psql(f"GRANT CREATE ON SCHEMA public TO {name}", database=name)
+    child = ServiceProcess(db)  # started: the fix it names works
+    child.process.terminate()
+    child.process.communicate(timeout=DEADLINE)
+
+
 def run_webhookd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(HERE / "webhookd.py"), "--port", "0", *args],
@@ -2027,21 +2115,36 @@ def run_webhookd(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+PASSWORD = "pa55-not-to-be-seen"
+
+
+def with_password(db: str, form: str) -> str:
+    """db with PASSWORD in it, in one of the two places asyncpg reads one from."""
+    if form == "user:password@":
+        return db.replace("postgres@", f"postgres:{PASSWORD}@")
+    return f"{db}{'&' if '?' in db else '?'}password={PASSWORD}"
+
+
 @postgres_only
+@pytest.mark.parametrize("form", ["user:password@", "?password="])
 async def test_a_postgres_password_appears_nowhere(
     make_service: Callable[..., Any], receiver: Receiver, config: Config, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str], form: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    password = "pa55-not-to-be-seen"
-    service = await make_service(db=config.db.replace("postgres@", f"postgres:{password}@"), secrets=())
-    assert password in service.app[CONFIG].db
+    service = await make_service(db=with_password(config.db, form), secrets=())
+    assert PASSWORD in service.app[CONFIG].db
     job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
     await wait_for_status(service, job_id, "delivered")
     for path in ("/healthz", "/metrics", f"/jobs/{job_id}", f"/webhooks/{job_id}/status"):
-        assert password not in await (await service.get(path)).text()
-    assert password not in caplog.text
-    refused = await asyncio.to_thread(run_webhookd, "--db", f"postgresql://postgres:{password}@127.0.0.1:1/x")
-    assert refused.returncode == 1 and "postgres:***@" in refused.stderr and password not in refused.stderr
+        assert PASSWORD not in await (await service.get(path)).text()
+    await service.close()
+    assert "webhookd stopping" in caplog.text  # the start-up line, the stop line and all between
+    assert PASSWORD not in caplog.text
+    assert "***" in capsys.readouterr().out  # the generated secret's banner names the db
+    refused = await asyncio.to_thread(run_webhookd, "--db", with_password("postgresql://postgres@127.0.0.1:1/x", form))
+    assert refused.returncode == 1 and "cannot connect to" in refused.stderr, refused.stderr
+    assert "***" in refused.stderr and PASSWORD not in refused.stderr, refused.stderr
 
 
 async def test_a_second_instance_on_one_sqlite_file_refuses_to_start(
@@ -3062,6 +3165,14 @@ def test_bad_configuration_says_what_to_fix(args: list[str], message: str) -> No
         webhookd.config_from_args(webhookd.parse_args(args))
 
 
+@pytest.mark.parametrize("db", [f"mysql://root:{PASSWORD}@127.0.0.1/jobs", "sqlite:///webhookd.db"])
+def test_a_db_url_that_is_not_postgresql_is_refused_in_one_line(db: str) -> None:
+    done = run_webhookd("--db", db)
+    assert done.returncode != 0 and "Running on" not in done.stdout
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "file path" in done.stderr and "postgresql://" in done.stderr and PASSWORD not in done.stderr
+
+
 @both_stores
 async def test_first_start_generates_a_secret_and_reuses_it(
     make_service: Callable[..., Any], receiver: Receiver, config: Config, capsys: pytest.CaptureFixture[str]
@@ -3097,3 +3208,32 @@ async def test_receive_command_verifies_fails_first_attempts_and_lists(
     assert forged.status == 401
     last = (await (await receiver.get("/callbacks")).json())["callbacks"][-1]
     assert last["x_signature_ok"] is False and last["webhook_signature_error"]
+
+
+@postgres_only
+async def test_receive_reads_the_generated_secret_from_postgresql(
+    make_service: Callable[..., Any], config: Config
+) -> None:
+    service = await make_service(secrets=())
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, str(HERE / "webhookd.py"), "receive", "--db", config.db,
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=child_environment())
+    try:
+        assert "POST webhooks to" in process.stdout.readline()  # not "none in the db"
+        callback = f"http://127.0.0.1:{port}/callback"
+        assert await wait_until(lambda: answer_to_unsigned(callback), "the receiver to listen") == 401
+        job_id = (await submit(service, webhook_url=callback))["job_id"]
+        await wait_for_status(service, job_id, "delivered")  # signed with the secret in the db
+    finally:
+        process.terminate()
+        process.communicate(timeout=DEADLINE)
+
+
+async def answer_to_unsigned(url: str) -> int | None:
+    import aiohttp
+
+    with contextlib.suppress(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as session, session.post(url, data=b"{}") as response:
+            return response.status
+    return None

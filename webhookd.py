@@ -52,6 +52,7 @@ import socket
 import sqlite3
 import sys
 import time
+import urllib.parse
 from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,26 @@ JOB_FIELDS = ("text", "webhook_url", "retry_policy")
 USER_AGENT = f"webhookd/{__version__}"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # any other --db is an SQLite file
+# Where asyncpg reads a password in a --db URL: user:password@ before the host (up to its last
+# @, as urllib splits it), and the password= and sslpassword= query parameters.
+DB_PASSWORDS = (
+    re.compile(r"^([^:/?#]+://[^:/?#@]*:)([^/?#]*)(@)"),
+    re.compile(r"([?&](?:ssl)?password=)([^&#]*)()"),
+)
+
+
+def redacted(db: str) -> str:
+    """--db as it may be shown: a URL without its passwords."""
+    for pattern in DB_PASSWORDS:
+        db = pattern.sub(r"\1***\3", db)
+    return db
+
+
+def db_passwords(db: str) -> list[str]:
+    """The passwords in --db, as written and percent-decoded, to keep out of every log line."""
+    written = [match[2] for pattern in DB_PASSWORDS for match in pattern.finditer(db) if match[2]]
+    return [form for password in written for form in {password, urllib.parse.unquote(password)}]
 
 
 class Bound(NamedTuple):
@@ -177,6 +198,9 @@ class Config:
                 (self.log_format not in LOG_FORMATS, f"--log-format must be one of {', '.join(LOG_FORMATS)}"),
                 (not 0 <= self.port <= 65535, "--port must be 0 to 65535"),
                 (not 1 <= self.failover_after <= 3600, "--failover-after must be 1 to 3600 seconds"),
+                ("://" in self.db and not self.db.startswith(POSTGRES_SCHEMES),
+                 f"--db {redacted(self.db)} is neither a file path (SQLite)"
+                 f" nor a {' or '.join(POSTGRES_SCHEMES)} URL (PostgreSQL)"),
             )
             if failed
         ]
@@ -237,7 +261,7 @@ def configure_logging(config: Config) -> None:
     """Log to stderr at --log-level in --log-format, with the secrets hidden."""
     handler = logging.StreamHandler()
     handler.setFormatter(LogFormatter(config.log_format == "json",
-                                      [*config.secrets, config.api_key or "", URL(config.db).password or ""]))
+                                      [*config.secrets, config.api_key or "", *db_passwords(config.db)]))
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
     # At DEBUG, aiosqlite logs every statement with its parameters: texts, and the stored secret.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, logging.getLogger().level))
@@ -302,7 +326,7 @@ class Loops:
             try:
                 return await run()
             except Exception:
-                log.exception("the %s loop crashed; restarting it in %.1f s", name, pause)
+                _log_failure("the %s loop crashed; restarting it in %.1f s", name, pause)
             self._down.add(name)
             try:
                 await asyncio.sleep(pause)
@@ -387,6 +411,15 @@ class StoreUnavailable(Exception):
     """The database cannot be reached now: answer 503 with Retry-After, and try again later."""
 
 
+def _log_failure(message: str, *args: Any) -> None:
+    """Log the exception being handled, with its traceback unless it is the database being away."""
+    error = sys.exc_info()[1]
+    if isinstance(error, StoreUnavailable):  # the heartbeat says so once, not every loop at every try
+        log.debug(message + ": %s", *args, error)
+    else:
+        log.exception(message, *args)
+
+
 class StoreRefused(Exception):
     """This instance must not use the database at all (its file is in use, its schema is newer)."""
 
@@ -409,6 +442,9 @@ def new_job_id() -> str:
     which measured a quarter less CPU per job in the db, and the random part keeps them unguessable.
     """
     return "job-%012x%s" % (time.time_ns() // 1_000_000, secrets.token_hex(10))
+
+
+WHOLE_JOB_ID = re.compile(r"job-[0-9a-f]{32}")  # as new_job_id makes them
 
 
 def job_id_at(moment: float) -> str:
@@ -438,15 +474,16 @@ class Takeover(NamedTuple):
 
 async def open_store(db: str, loops: Loops, timeout: float) -> Store:
     """The store --db names: a postgresql:// or postgres:// URL, else an SQLite file."""
-    if db.startswith(("postgresql://", "postgres://")):
+    if db.startswith(POSTGRES_SCHEMES):
         return await PostgresStore.open(db, loops, timeout)
     return await SQLiteStore.open(db, loops)
 
 
-def redacted(db: str) -> str:
-    """--db as it may be shown: a PostgreSQL URL without its password."""
-    url = URL(db) if "://" in db else None
-    return str(url.with_password("***")) if url is not None and url.password else db
+async def secret_in_db(db: str, timeout: float) -> str | None:
+    """The generated secret kept in --db, if there is one, read without joining as an instance."""
+    if db.startswith(POSTGRES_SCHEMES):
+        return await PostgresStore.read_secret(db, timeout)
+    return await SQLiteStore.read_secret(db)
 
 
 class Store:
@@ -459,6 +496,7 @@ class Store:
     """
 
     MAX_WRITES_PER_COMMIT = 1000
+    BYTE_ORDER = ""  # how to compare text in byte order, if the database's own order may be another
 
     def __init__(self, loops: Loops) -> None:
         self.instance = _new_instance_id()
@@ -631,17 +669,18 @@ class Store:
             common.append(f"j.status IN ({','.join('?' * len(statuses))})")
             if "completed" not in statuses:
                 common.append("j.status <> 'completed'")
+        page = (prefix, before, limit, self.BYTE_ORDER)
         if not delivery_statuses or "delivered" in delivery_statuses:
             if delivery_statuses:
                 common.append(f"{DELIVERY_STATUS} IN ({','.join('?' * len(delivery_statuses))})")
-            parts = [_job_page(ALL_JOBS, "j.id", common, [*params, *delivery_statuses], prefix, before, limit)]
+            parts = [_job_page(ALL_JOBS, "j.id", common, [*params, *delivery_statuses], *page)]
         else:
             stored = [*common, "d.status <> 'delivered'", f"d.status IN ({','.join('?' * len(delivery_statuses))})"]
-            parts = [_job_page(STORED_DELIVERIES, "d.job_id", stored, [*params, *delivery_statuses], prefix, before, limit)]
+            parts = [_job_page(STORED_DELIVERIES, "d.job_id", stored, [*params, *delivery_statuses], *page)]
             if "pending" in delivery_statuses and (not statuses or "processing" in statuses):
                 running = [*common, "j.status <> 'completed'", "j.status = 'processing'", "j.webhook_url IS NOT NULL",
                            "d.job_id IS NULL"]
-                parts.append(_job_page(ALL_JOBS, "j.id", running, params, prefix, before, limit))
+                parts.append(_job_page(ALL_JOBS, "j.id", running, params, *page))
         async with self._listing:  # a burst of lists leaves the reads of requests and the engine room
             if len(parts) == 1:
                 return await self._fetch(*parts[0])
@@ -786,11 +825,14 @@ LIST_QUERIES_AT_ONCE = 2
 
 
 def _job_page(source: str, key: str, conditions: list[str], params: list[Any], prefix: str | None,
-              before: str | None, limit: int) -> Statement:
+              before: str | None, limit: int, byte_order: str) -> Statement:
     """One query of the job list: a page of `source`, newest first by `key`."""
     conditions, params = list(conditions), list(params)
-    if prefix:  # a range, so that the primary key finds it
-        conditions.append(f"{key} >= ? AND {key} < ?")
+    if prefix and WHOLE_JOB_ID.fullmatch(prefix):  # the primary key finds it
+        conditions.append(f"{key} = ?")
+        params.append(prefix)
+    elif prefix:  # ids are ASCII, and '~' comes after every other ASCII character, in byte order
+        conditions.append(f"{key}{byte_order} >= ? AND {key}{byte_order} < ?")
         params.extend((prefix, prefix + "~"))
     if before:
         conditions.append(f"{key} < ?")
@@ -884,6 +926,18 @@ class SQLiteStore(Store):
             os.close(lock)
             raise
         return cls(path, writer, reader, lock, loops)
+
+    @staticmethod
+    async def read_secret(path: str) -> str | None:
+        """The generated secret, read without the lock, so also while an instance runs on the file."""
+        if not os.path.exists(path):
+            return None
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            try:
+                row = db.execute("SELECT value FROM settings WHERE name = 'secret'").fetchone()
+            except sqlite3.Error:
+                return None
+        return row[0] if row else None
 
     @staticmethod
     async def _create_schema(writer: aiosqlite.Connection) -> None:
@@ -1069,6 +1123,8 @@ class PostgresStore(Store):
     """
 
     NEWS = "webhookd_handover"
+    # A database made with a language's collation (en_US.UTF-8, ICU's) sorts '~' before letters.
+    BYTE_ORDER = ' COLLATE "C"'
     SCHEMA_LOCK = 0x77656268  # pg_advisory_xact_lock key: "webh"
 
     def __init__(self, pool: Any, dsn: str, timeout: float, loops: Loops) -> None:
@@ -1083,13 +1139,28 @@ class PostgresStore(Store):
     @classmethod
     async def open(cls, dsn: str, loops: Loops, timeout: float) -> PostgresStore:
         """Connect, create or upgrade the schema under an advisory lock, and join as an instance."""
+        # No floor of open connections (min_size 0): asyncpg would reconnect it in the background
+        # while the database is away, logging a traceback at every try. The heartbeat reconnects,
+        # and says once that the database has gone and once that it is back.
+        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=8, timeout=timeout,
+                                         command_timeout=timeout, reset=_nothing_to_reset)
         try:
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8, timeout=timeout,
-                                             command_timeout=timeout, reset=_nothing_to_reset)
+            await cls._create_schema(pool, dsn, timeout)
+            store = cls(pool, dsn, timeout, loops)
+            await store.rejoin()
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    @classmethod
+    async def _create_schema(cls, pool: Any, dsn: str, timeout: float) -> None:
+        try:
+            conn = await pool.acquire(timeout=timeout)
         except Exception as exc:
-            raise StoreRefused(f"cannot connect to {redacted(dsn)}: {_pg_error(exc)}") from None
+            raise _cannot_connect(dsn, exc) from None
         try:
-            async with pool.acquire() as conn, conn.transaction():
+            async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", cls.SCHEMA_LOCK)
                 await conn.execute(SCHEMA.format(real="DOUBLE PRECISION", bytes="BYTEA", without_rowid="",
                                                  owner_indexes=POSTGRES_OWNER_INDEXES))
@@ -1098,12 +1169,26 @@ class PostgresStore(Store):
                 await conn.execute(
                     "INSERT INTO settings (name, value) VALUES ('schema_version', $1)"
                     " ON CONFLICT (name) DO UPDATE SET value = excluded.value", str(SCHEMA_VERSION))
-            store = cls(pool, dsn, timeout, loops)
-            await store.rejoin()
-        except BaseException:
-            await pool.close()
-            raise
-        return store
+        except asyncpg.InsufficientPrivilegeError:
+            raise StoreRefused(await _cannot_create_tables(conn)) from None
+        except asyncpg.PostgresError as exc:
+            raise StoreRefused(f"cannot create webhookd's tables: {_pg_error(exc)}") from None
+        finally:
+            await pool.release(conn)
+
+    @staticmethod
+    async def read_secret(dsn: str, timeout: float) -> str | None:
+        """The generated secret, read on a connection of its own, without joining as an instance."""
+        try:
+            conn = await asyncpg.connect(dsn, timeout=timeout)
+        except Exception as exc:
+            raise _cannot_connect(dsn, exc) from None
+        try:
+            return await conn.fetchval("SELECT value FROM settings WHERE name = 'secret'")
+        except asyncpg.UndefinedTableError:  # no webhookd has used this database yet
+            return None
+        finally:
+            await conn.close()
 
     async def close(self) -> None:
         await super().close()
@@ -1236,6 +1321,19 @@ def _numbered(sql: str) -> str:
 
 def _pg_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _cannot_connect(dsn: str, exc: BaseException) -> StoreRefused:
+    return StoreRefused(f"cannot connect to {redacted(dsn)}: {_pg_error(exc)}")
+
+
+async def _cannot_create_tables(conn: Any) -> str:
+    # Since PostgreSQL 15 only the owner of a database may create in its schema public.
+    user, database, schema = await conn.fetchrow(
+        "SELECT current_user, current_database(), coalesce(current_schema(), 'public')")
+    owner = f"createdb -O {user} {database}, or " if schema == "public" else ""
+    return (f'role "{user}" may not create tables in schema {schema} of database "{database}":'
+            f" {owner}GRANT CREATE ON SCHEMA {schema} TO {user}")
 
 
 # ---------------------------------------------------------------------------
@@ -1951,7 +2049,7 @@ class DeliveryEngine:
         try:
             deliveries = await self._load(job_ids)
         except Exception:
-            log.exception("could not load %d due deliveries; trying again in 1 s", len(job_ids))
+            _log_failure("could not load %d due deliveries; trying again in 1 s", len(job_ids))
             for job_id in job_ids:
                 self.schedule(job_id, time.time() + 1)
             await asyncio.sleep(1)
@@ -2086,8 +2184,8 @@ class DeliveryEngine:
                     delivery.job_id, number, started, seconds, outcome.status_code, outcome.error,
                     status, next_attempt_at, outcome.answer)
             except Exception:
-                log.exception("could not store attempt %d of %s; trying again in %.1f s",
-                              number, delivery.job_id, pause)
+                _log_failure("could not store attempt %d of %s; trying again in %.1f s",
+                             number, delivery.job_id, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 30)
 
@@ -2347,7 +2445,7 @@ class InferenceWorkers:
         try:
             deliveries = await self._record_results(jobs, outcomes)
         except Exception:
-            log.exception("could not store %d results; running those jobs again in 1 s", len(jobs))
+            _log_failure("could not store %d results; running those jobs again in 1 s", len(jobs))
             await asyncio.sleep(1)
             if owner == self._store.instance:
                 for job in jobs:
@@ -2443,7 +2541,7 @@ class Instance:
                 await self._store.rejoin()
         except StoreUnavailable as exc:
             if self._reachable:
-                log.error("cannot heartbeat, so no attempt starts until the database is back: %s", exc)
+                log.warning("cannot heartbeat, so no attempt starts until the database is back: %s", exc)
             self._reachable = False
             return
         if not self._reachable:
@@ -2503,7 +2601,7 @@ async def predict(request: web.Request) -> web.Response:
 
 async def get_job(request: web.Request) -> web.Response:
     """GET /jobs/{job_id}: the job, its status and result."""
-    job_id = request.match_info["job_id"]
+    job_id = _job_id(request)
     row = await request.app[STORE].job(job_id)
     if row is None:
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
@@ -2520,7 +2618,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def webhook_status(request: web.Request) -> web.Response:
     """GET /webhooks/{job_id}/status: the delivery's status and every attempt."""
-    job_id = request.match_info["job_id"]
+    job_id = _job_id(request)
     store = request.app[STORE]
     webhook = await _find_webhook(store, job_id)
     attempts = await store.attempts(job_id)
@@ -2559,7 +2657,7 @@ async def dead_letter(request: web.Request) -> web.Response:
 
 async def redeliver(request: web.Request) -> web.Response:
     """POST /webhooks/{job_id}/redeliver: a new round of attempts, same body and webhook-id."""
-    job_id = request.match_info["job_id"]
+    job_id = _job_id(request)
     app = request.app
     webhook = await _find_webhook(app[STORE], job_id)
     engine = app[ENGINE]
@@ -2630,7 +2728,7 @@ def _cursor(value: str | None) -> str | None:
         job_id = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("ascii")
     except (binascii.Error, ValueError):
         job_id = ""
-    if not job_id.startswith("job-"):
+    if not _may_be_job_id(job_id):
         raise web.HTTPBadRequest(text="before must be the 'next' of a previous page")
     return job_id
 
@@ -2869,7 +2967,7 @@ def _text(value: Any) -> str:
         raise web.HTTPBadRequest(text="field 'text' must not be empty or only whitespace")
     if len(value) > MAX_TEXT_CHARS:
         raise web.HTTPBadRequest(text=f"field 'text' is {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
-    _require_unicode("text", value)
+    _require_storable("text", value)
     return value
 
 
@@ -2880,7 +2978,7 @@ def _webhook_url(value: Any, allow_private_urls: bool) -> str | None:
         raise web.HTTPBadRequest(text="field 'webhook_url' must be a string")
     if len(value) > MAX_URL_CHARS:
         raise web.HTTPBadRequest(text=f"field 'webhook_url' is longer than {MAX_URL_CHARS} characters")
-    _require_unicode("webhook_url", value)
+    _require_storable("webhook_url", value)
     if not value.isprintable() or any(c.isspace() for c in value):
         raise web.HTTPBadRequest(text="field 'webhook_url' must not contain spaces or control characters")
     try:
@@ -2912,11 +3010,15 @@ def _retry_policy(value: Any) -> dict[str, Any] | None:
     return {name: int(number) if RETRY_POLICY_BOUNDS[name].integer else number for name, number in value.items()} or None
 
 
-def _require_unicode(name: str, value: str) -> None:
+def _require_storable(name: str, value: str) -> None:
+    # UTF-8 cannot hold an unpaired surrogate, nor PostgreSQL's text a NUL: both stores refuse
+    # both, so that they accept the same jobs.
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise web.HTTPBadRequest(text=f"field {name!r} contains an unpaired surrogate (\\ud800-\\udfff)") from None
+    if "\x00" in value:
+        raise web.HTTPBadRequest(text=f"field {name!r} must not contain a NUL character (\\u0000)")
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -3030,6 +3132,19 @@ async def _add_job_once(app: web.Application, job: Job, key: str, request_hash: 
             text="this Idempotency-Key was used with a different body; use a new key for a new job"
         )
     return row[0], bool(row[1]), True
+
+
+def _job_id(request: web.Request) -> str:
+    """The job id in the path; 404 at once if no job can have it."""
+    job_id = request.match_info["job_id"]
+    if not _may_be_job_id(job_id):
+        raise web.HTTPNotFound(text=f"no job {job_id!r}")
+    return job_id
+
+
+def _may_be_job_id(value: str) -> bool:
+    # Every id is webhookd's own, printable ASCII; PostgreSQL could not even be asked about a NUL.
+    return value.startswith("job-") and value.isascii() and value.isprintable()
 
 
 class Webhook(NamedTuple):
@@ -3405,7 +3520,7 @@ async def stats(request: web.Request) -> web.Response:
 
 async def request_sent(request: web.Request) -> web.Response:
     """GET /webhooks/{job_id}/request: the body every attempt sent, and each attempt's headers."""
-    job_id = request.match_info["job_id"]
+    job_id = _job_id(request)
     store = request.app[STORE]
     payload = await store.payload(job_id)
     if payload is None:
@@ -3712,7 +3827,7 @@ async def _prune_idempotency_keys(store: Store) -> None:
         try:
             await store.forget_idempotency_keys(time.time() - IDEMPOTENCY_KEY_LIFETIME)
         except Exception:
-            log.exception("could not forget old idempotency keys; trying again in an hour")
+            _log_failure("could not forget old idempotency keys; trying again in an hour")
         await asyncio.sleep(3600)
 
 
@@ -3976,7 +4091,11 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 
 
 def _receive(args: argparse.Namespace) -> int:
-    secrets_ = (args.secret or "").split() or _secret_in_db(args.db)
+    try:
+        secrets_ = (args.secret or "").split() or _secret_in_db(args.db)
+    except StoreRefused as exc:
+        print(f"webhookd receive: {exc}", file=sys.stderr)
+        return 1
     try:
         keys = [signing_key(s) for s in secrets_]
     except ValueError as exc:
@@ -3990,15 +4109,9 @@ def _receive(args: argparse.Namespace) -> int:
                 access_log=None, print=None)
 
 
-def _secret_in_db(path: str) -> list[str]:
-    if not os.path.exists(path):
-        return []
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        try:
-            row = db.execute("SELECT value FROM settings WHERE name = 'secret'").fetchone()
-        except sqlite3.Error:
-            return []
-    return [row[0]] if row else []
+def _secret_in_db(db: str) -> list[str]:
+    secret = asyncio.run(secret_in_db(db, Config.timeout))
+    return [secret] if secret else []
 
 
 if __name__ == "__main__":
