@@ -2081,6 +2081,24 @@ async def test_a_page_on_another_site_cannot_make_a_browser_redeliver(service: T
     assert same.status == 202
 
 
+@pytest.mark.parametrize("headers, status", [
+    # The browser's own verdict decides: behind a proxy that rewrites Host, Origin and Host differ.
+    ({"Sec-Fetch-Site": "same-origin", "Origin": "https://webhookd.example"}, 202),
+    ({"Sec-Fetch-Site": "none"}, 202),
+    ({"Sec-Fetch-Site": "cross-site", "Origin": "http://x", "Host": "x"}, 403),
+    ({"Sec-Fetch-Site": "same-site", "Origin": "http://x", "Host": "x"}, 403),
+    # Without it, Origin against the address the proxy says the browser used.
+    ({"Origin": "https://x", "Host": "x", "X-Forwarded-Proto": "https"}, 202),
+    ({"Origin": "https://webhookd.example", "X-Forwarded-Host": "webhookd.example", "X-Forwarded-Proto": "https"}, 202),
+    ({"Origin": "https://evil.example", "Host": "x", "X-Forwarded-Proto": "https"}, 403),
+], ids=["host-rewritten", "none", "cross-site", "same-site", "tls-ended", "host-forwarded", "other-site-forwarded"])
+async def test_behind_a_proxy_the_page_may_write_and_other_sites_still_may_not(
+    service: TestClient, headers: dict[str, str], status: int
+) -> None:
+    response = await service.post("/predict", json={"text": "hi"}, headers=headers)
+    assert response.status == status, await response.text()
+
+
 @pytest.fixture(scope="module")
 def live_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
     service = ServiceProcess(str(tmp_path_factory.mktemp("live") / "l.db"), "--log-level", "error")

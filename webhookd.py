@@ -2674,13 +2674,28 @@ def _limit_per_client(requests: int, client: str) -> None:
 
 def _refuse_cross_site_writes(request: web.Request) -> None:
     # A page elsewhere must not make a browser on the operator's machine redeliver, or submit
-    # jobs, even without --api-key.
+    # jobs, even without --api-key. Sec-Fetch-Site is the browser's own verdict and stays right
+    # behind a proxy that rewrites Host or ends TLS; only a browser without it has its Origin
+    # compared with the address the proxy says it used.
     if request.method != "POST":
         return
-    origin = request.headers.get("Origin")
-    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site") or (
-            origin is not None and origin != f"{request.scheme}://{request.host}"):
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        refused = site not in ("same-origin", "none")
+    else:
+        origin = request.headers.get("Origin")
+        refused = origin is not None and origin != _browser_origin(request)
+    if refused:
         raise web.HTTPForbidden(text="a request from another site's page is refused")
+
+
+def _browser_origin(request: web.Request) -> str:
+    # A page elsewhere cannot send X-Forwarded-* without a CORS preflight, which webhookd never
+    # grants, so trusting them here lets no other site in. Behind several proxies the first entry
+    # is the one the browser reached.
+    scheme = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
+    host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
+    return f"{scheme}://{host}"
 
 
 def _require_api_key(request: web.Request, api_key: str) -> None:
