@@ -2214,9 +2214,13 @@ async def browser() -> Any:
         await launched.close()
 
 
-async def open_page(browser: Any, client: TestClient, path: str = "/") -> Any:
+async def open_page(browser: Any, client: TestClient, path: str = "/", still: bool = False) -> Any:
+    """The page in a new tab; `still` stops its clock, so that it reads the API only when the test acts."""
     page = await browser.new_page(viewport={"width": 1280, "height": 860})
     page.set_default_timeout(DEADLINE * 1000)
+    if still:
+        await page.clock.install(time=0)  # pause_at goes forward only, and the installed clock runs
+        await page.clock.pause_at(time.time())
     await page.goto(str(client.make_url(path)))
     return page
 
@@ -2260,12 +2264,66 @@ async def test_redeliver_all_failed_since_touches_what_it_announced(
     await page.get_by_role("button", name="Count").click()
     await page.get_by_text("2 failed deliveries would get a new round.").wait_for()
     assert len(receiver.arrivals) == 2  # counting changed nothing
+    after_the_count = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(service, after_the_count, "failed")
     up.set()
     await page.get_by_role("button", name="Redeliver them").click()
     await page.get_by_text("2 deliveries got a new round.").wait_for()
     for job_id in failed:
         await wait_for_status(service, job_id, "delivered")
-    assert len(receiver.arrivals) == 4
+    assert (await delivery_status(service, after_the_count))["delivery_status"] == "failed"
+    assert len(receiver.arrivals) == 5
+
+
+async def test_a_redeliver_that_fails_says_why_after_the_panel_is_rebuilt(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], browser: Any
+) -> None:
+    service = await make_service()
+    release = asyncio.Event()
+    hang = hangs_until(release)
+    receiver = await make_receiver(lambda arrival, n: hang(arrival, n) if n > 1 else None)
+    job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(service, job_id, "delivered")
+    page = await open_page(browser, service, still=True)
+    await page.get_by_role("button", name="Show " + job_id).click()
+    detail = page.locator("#detail")
+    await detail.get_by_text("Delivery delivered").wait_for()
+    try:
+        # A round the page has not seen yet, as when someone else redelivered: the page's click gets a 409.
+        assert (await service.post(f"/webhooks/{job_id}/redeliver")).status == 202
+        await detail.get_by_role("button", name="Redeliver").click()
+        await detail.get_by_text("A round of attempts is under way").wait_for()  # the panel, rebuilt
+        assert await detail.get_by_text("still has a round of attempts under way").is_visible()
+    finally:
+        release.set()
+
+
+async def test_load_more_goes_past_a_thousand_jobs(make_service: Callable[..., Any], config: Config,
+                                                   browser: Any) -> None:
+    store = await webhookd.open_store(config.db, webhookd.Loops(), 2.0)
+    await asyncio.gather(*(store.add_job(webhookd.Job(webhookd.new_job_id(), f"job {n}", None, None, time.time()))
+                           for n in range(1001)))
+    await store.close()
+    service = await make_service()
+    page = await open_page(browser, service)
+    rows, more = page.locator("#jobs tr"), page.get_by_role("button", name="Load more")
+    for shown in range(50, 1001, 50):
+        await rows.nth(shown - 1).wait_for()
+        await more.click()
+    await rows.nth(1000).wait_for()
+    assert await rows.count() == 1001
+    assert await more.is_disabled()
+
+
+async def test_a_search_the_api_refuses_empties_the_list_and_says_why(
+    service: TestClient, browser: Any
+) -> None:
+    job_id = (await submit(service))["job_id"]
+    page = await open_page(browser, service)
+    await page.get_by_role("button", name="Show " + job_id).wait_for()
+    await page.get_by_label("Job id").fill("job-%%")
+    await page.get_by_text("q must be a job id or the start of one").wait_for()
+    assert await page.locator("#jobs tr").count() == 0
 
 
 async def test_the_page_asks_for_the_api_key_once(make_service: Callable[..., Any], browser: Any) -> None:
@@ -2305,6 +2363,24 @@ async def test_a_page_on_another_site_cannot_make_a_browser_redeliver(service: T
         assert response.status == 403
     same = await service.post("/predict", json={"text": "hi"}, headers={"Origin": str(service.make_url("")).rstrip("/")})
     assert same.status == 202
+
+
+@pytest.mark.parametrize("headers, status", [
+    # The browser's own verdict decides: behind a proxy that rewrites Host, Origin and Host differ.
+    ({"Sec-Fetch-Site": "same-origin", "Origin": "https://webhookd.example"}, 202),
+    ({"Sec-Fetch-Site": "none"}, 202),
+    ({"Sec-Fetch-Site": "cross-site", "Origin": "http://x", "Host": "x"}, 403),
+    ({"Sec-Fetch-Site": "same-site", "Origin": "http://x", "Host": "x"}, 403),
+    # Without it, Origin against the address the proxy says the browser used.
+    ({"Origin": "https://x", "Host": "x", "X-Forwarded-Proto": "https"}, 202),
+    ({"Origin": "https://webhookd.example", "X-Forwarded-Host": "webhookd.example", "X-Forwarded-Proto": "https"}, 202),
+    ({"Origin": "https://evil.example", "Host": "x", "X-Forwarded-Proto": "https"}, 403),
+], ids=["host-rewritten", "none", "cross-site", "same-site", "tls-ended", "host-forwarded", "other-site-forwarded"])
+async def test_behind_a_proxy_the_page_may_write_and_other_sites_still_may_not(
+    service: TestClient, headers: dict[str, str], status: int
+) -> None:
+    response = await service.post("/predict", json={"text": "hi"}, headers=headers)
+    assert response.status == status, await response.text()
 
 
 @pytest.fixture(scope="module")

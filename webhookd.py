@@ -2899,13 +2899,28 @@ def _limit_per_client(requests: int, client: str) -> None:
 
 def _refuse_cross_site_writes(request: web.Request) -> None:
     # A page elsewhere must not make a browser on the operator's machine redeliver, or submit
-    # jobs, even without --api-key.
+    # jobs, even without --api-key. Sec-Fetch-Site is the browser's own verdict and stays right
+    # behind a proxy that rewrites Host or ends TLS; only a browser without it has its Origin
+    # compared with the address the proxy says it used.
     if request.method != "POST":
         return
-    origin = request.headers.get("Origin")
-    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site") or (
-            origin is not None and origin != f"{request.scheme}://{request.host}"):
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        refused = site not in ("same-origin", "none")
+    else:
+        origin = request.headers.get("Origin")
+        refused = origin is not None and origin != _browser_origin(request)
+    if refused:
         raise web.HTTPForbidden(text="a request from another site's page is refused")
+
+
+def _browser_origin(request: web.Request) -> str:
+    # A page elsewhere cannot send X-Forwarded-* without a CORS preflight, which webhookd never
+    # grants, so trusting them here lets no other site in. Behind several proxies the first entry
+    # is the one the browser reached.
+    scheme = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
+    host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
+    return f"{scheme}://{host}"
 
 
 def _require_api_key(request: web.Request, api_key: str) -> None:
@@ -3279,7 +3294,8 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f1f3f6; paddi
 </main>
 <script>
 "use strict";
-const state = { filters: { status: new Set(), delivery_status: new Set() }, q: "", shown: 50, selected: null, history: [] };
+const state = { filters: { status: new Set(), delivery_status: new Set() }, q: "", shown: 50, listCalls: 0,
+  selected: null, redeliverError: "", until: null, history: [] };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, text, attributes = {}) {
@@ -3300,19 +3316,29 @@ async function api(path, options = {}) {
   return body;
 }
 
-function listQuery() {
-  const params = new URLSearchParams({ limit: String(state.shown) });
+function listQuery(limit, before) {
+  const params = new URLSearchParams({ limit: String(limit) });
   for (const [name, values] of Object.entries(state.filters)) if (values.size) params.set(name, [...values].join(","));
   if (state.q) params.set("q", state.q);
+  if (before) params.set("before", before);
   return "/jobs?" + params;
 }
 
 async function refreshList() {
-  const page = await api(listQuery());
-  const rows = page.jobs.map(jobRow);
-  $("jobs").replaceChildren(...rows);
-  $("more").disabled = !page.next;
-  $("list-note").textContent = page.jobs.length ? "" : "No job matches.";
+  const call = ++state.listCalls, wanted = state.shown;
+  let jobs = [], next = null, note;
+  try {
+    do {  // a page is at most 1,000 jobs
+      const page = await api(listQuery(Math.min(1000, wanted - jobs.length), next));
+      jobs.push(...page.jobs);
+      next = page.next;
+    } while (next && jobs.length < wanted);
+    note = jobs.length ? "" : "No job matches.";
+  } catch (error) { jobs = []; next = null; note = error.message; }
+  if (call !== state.listCalls) return;  // a later call, with newer filters, shows its own
+  $("jobs").replaceChildren(...jobs.map(jobRow));
+  $("more").disabled = !next;
+  $("list-note").textContent = note;
 }
 
 function jobCell(jobId) {
@@ -3333,6 +3359,7 @@ function jobRow(job) {
 
 async function select(jobId) {
   state.selected = jobId;
+  state.redeliverError = "";
   await Promise.all([refreshList(), refreshDetail()]);
 }
 
@@ -3358,11 +3385,13 @@ function redeliverButton(jobId, status) {
   const underWay = status === "pending" || status === "retrying";
   const button = el("button", "Redeliver", { type: "button" });
   button.disabled = underWay;
-  const note = el("span", underWay ? " A round of attempts is under way (" + status + ")." : "", { class: "muted" });
+  const reason = underWay ? " A round of attempts is under way (" + status + ")." : "";
+  const note = el("span", reason + state.redeliverError, { class: "muted" });
   button.addEventListener("click", async () => {
     button.disabled = true;
+    state.redeliverError = "";  // an error stays until the next redeliver or job: every refresh rebuilds this panel
     try { await api("/webhooks/" + encodeURIComponent(jobId) + "/redeliver", { method: "POST" }); }
-    catch (error) { note.textContent = " " + error.message; }
+    catch (error) { state.redeliverError = " Redeliver failed: " + error.message; }
     await refreshDetail();
   });
   const line = el("p"); line.append(button, note);
@@ -3405,12 +3434,12 @@ async function refreshDeadLetter() {
 }
 
 function bulkBody(dryRun) {
-  const since = $("since").value;
-  return JSON.stringify({ since: new Date(since).toISOString(), dry_run: dryRun });
+  return JSON.stringify({ since: new Date($("since").value).toISOString(), until: state.until, dry_run: dryRun });
 }
 
 async function countFailed() {
   if (!$("since").value) { $("bulk-note").textContent = "Choose a time first."; return; }
+  state.until = new Date().toISOString();  // "Redeliver them" touches what was counted, not what failed since
   const answer = await api("/webhooks/redeliver", { method: "POST", body: bulkBody(true) });
   $("bulk-note").textContent = answer.would_redeliver + " failed deliveries would get a new round.";
   $("redeliver-all").disabled = answer.would_redeliver === 0;
@@ -3466,11 +3495,11 @@ for (const chip of document.querySelectorAll("[data-filter]")) {
     on ? values.add(chip.dataset.value) : values.delete(chip.dataset.value);
     chip.setAttribute("aria-pressed", String(on));
     state.shown = 50;
-    refreshList().catch((error) => { $("list-note").textContent = error.message; });
+    refreshList();
   });
 }
-$("search").addEventListener("input", () => { state.q = $("search").value.trim(); state.shown = 50; refreshList().catch(() => {}); });
-$("more").addEventListener("click", () => { state.shown = Math.min(1000, state.shown + 50); refreshList(); });
+$("search").addEventListener("input", () => { state.q = $("search").value.trim(); state.shown = 50; refreshList(); });
+$("more").addEventListener("click", () => { state.shown += 50; refreshList(); });
 $("count-failed").addEventListener("click", () => countFailed().catch((error) => { $("bulk-note").textContent = error.message; }));
 $("redeliver-all").addEventListener("click", () => redeliverAll().catch((error) => { $("bulk-note").textContent = error.message; }));
 $("since").addEventListener("input", () => { $("redeliver-all").disabled = true; $("bulk-note").textContent = ""; });
