@@ -15,6 +15,7 @@ import glob
 import gzip
 import hashlib
 import hmac
+import importlib.util
 import json
 import logging
 import os
@@ -57,6 +58,7 @@ import webhookd
 from webhookd import CONFIG, Config, RetryPolicy, create_app
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OPERATOR_KEY = "the-operators-key"
 FAST = RetryPolicy(max_retries=3, backoff_base=0.02, backoff_factor=2.0)
 DEADLINE = 15.0  # a hung test fails instead of hanging; never a speed requirement
 HERE = Path(__file__).resolve().parent
@@ -246,7 +248,9 @@ def make_service(aiohttp_client: AiohttpClient, config: Config) -> Callable[...,
     async def make(**changes: Any) -> TestClient:
         server = TestServer(create_app(replace(config, **changes)))
         await server.start_server(**webhookd.SERVER_OPTIONS)  # as python webhookd.py runs it
-        return await aiohttp_client(server)
+        # With OPERATOR_KEY, every request but those that say otherwise is the operator's.
+        operator = {"Authorization": f"Bearer {OPERATOR_KEY}"} if changes.get("api_key") == OPERATOR_KEY else {}
+        return await aiohttp_client(server, headers=operator)
 
     return make
 
@@ -986,7 +990,7 @@ async def test_the_job_list_filters_and_pages_newest_first(
     assert page["jobs"][0] | {"created_at": None, "completed_at": None} == {
         "job_id": failed, "status": "completed", "created_at": None, "completed_at": None,
         "webhook_url": failing.url(), "delivery_status": "failed", "attempts": 1, "last_error": "HTTP 500",
-        "next_attempt_at": None}
+        "next_attempt_at": None, "client": None}
     seen, cursor = [], ""
     while True:
         _, page = await listed(f"?limit=2{cursor}")
@@ -2185,7 +2189,7 @@ async def test_a_webhookd_1_0_database_is_upgraded_and_its_work_resumed(
     service = await make_service()
     for job_id in ("job-old-queued", "job-old-delivery"):
         await wait_for_status(service, job_id, "delivered")
-    assert await query(config.db, "SELECT value FROM settings WHERE name = 'schema_version'") == [("2",)]
+    assert await query(config.db, "SELECT value FROM settings WHERE name = 'schema_version'") == [(str(webhookd.SCHEMA_VERSION),)]
 
 
 # ---------------------------------------------------------------------------
@@ -2385,7 +2389,9 @@ async def test_behind_a_proxy_the_page_may_write_and_other_sites_still_may_not(
 
 @pytest.fixture(scope="module")
 def live_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    service = ServiceProcess(str(tmp_path_factory.mktemp("live") / "l.db"), "--log-level", "error")
+    # With the operator's key, so that the clients' endpoints are called for real too.
+    service = ServiceProcess(str(tmp_path_factory.mktemp("live") / "l.db"), "--log-level", "error",
+                             "--api-key", OPERATOR_KEY)
     yield service.url
     service.process.terminate()
     _, stderr = service.process.communicate(timeout=DEADLINE)
@@ -2401,7 +2407,8 @@ def test_every_operation_answers_as_described_and_never_with_a_5xx(operation: An
     def call(case: Any) -> None:
         # Every check but that each schema-valid request is accepted: a valid URL may still be one
         # no webhook can reach (a private address, a bad host), which the schema cannot say.
-        case.call_and_validate(base_url=live_service, excluded_checks=[schemathesis.checks.positive_data_acceptance])
+        case.call_and_validate(base_url=live_service, headers={"Authorization": f"Bearer {OPERATOR_KEY}"},
+                               excluded_checks=[schemathesis.checks.positive_data_acceptance])
 
     call()
 
@@ -2485,6 +2492,298 @@ async def test_api_key_guards_every_endpoint_but_healthz(make_service: Callable[
             assert "API key" in body["error"] and "s3cret-key" not in json.dumps(body)
     response = await service.post("/predict", json={"text": "hi"}, headers={"Authorization": "Bearer s3cret-key"})
     assert response.status == 202
+
+
+# ---------------------------------------------------------------------------
+# Clients: their own keys, secrets and jobs, and a fair share
+# ---------------------------------------------------------------------------
+
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def new_client(service: TestClient, name: str) -> dict[str, Any]:
+    response = await service.post("/clients", json={"name": name}, headers=OPERATOR)
+    assert response.status == 201, await response.text()
+    return await response.json()
+
+
+async def submit_as(client: TestClient, key: str, text: str = "I love it", **fields: Any) -> dict[str, Any]:
+    response = await client.post("/predict", json={"text": text, **fields}, headers=bearer(key))
+    assert response.status == 202, await response.text()
+    return await response.json()
+
+
+@both_stores
+async def test_a_client_gets_a_key_and_a_secret_shown_once(make_service: Callable[..., Any]) -> None:
+    service = await make_service(api_key=OPERATOR_KEY)
+    acme = await new_client(service, "acme")
+    assert re.fullmatch(r"whk_[A-Za-z0-9_-]{43}", acme["api_key"]["key"]) and acme["secret"].startswith("whsec_")
+    listed = await (await service.get("/clients", headers=OPERATOR)).text()
+    assert acme["api_key"]["key"] not in listed and acme["secret"] not in listed
+    assert json.loads(listed)["clients"] == [{"name": "acme", "created_at": acme["created_at"], "disabled": False,
+                                              "keys": [{"id": acme["api_key"]["id"], "created_at": acme["created_at"]}],
+                                              "secrets": 1}]
+    assert (await service.post("/clients", json={"name": "acme"}, headers=OPERATOR)).status == 409
+    for bad in ("", "Acme", "-acme", "a" * 65, "a b", 7):
+        assert (await service.post("/clients", json={"name": bad}, headers=OPERATOR)).status == 400, bad
+    await new_client(service, "globex")
+    own = bearer(acme["api_key"]["key"])
+    assert (await service.get("/clients/acme", headers=own)).status == 200
+    assert (await service.get("/clients/globex", headers=own)).status == 404  # as if unknown
+    for method, path in (("GET", "/clients"), ("POST", "/clients"), ("PATCH", "/clients/acme"),
+                         ("GET", "/metrics"), ("GET", "/stats")):
+        assert (await service.request(method, path, json={"name": "x"}, headers=own)).status == 403, path
+    assert (await service.get("/jobs", headers={"Authorization": ""})).status == 401  # now every request needs a key
+
+
+@both_stores
+async def test_another_clients_job_answers_exactly_as_an_unknown_one(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(api_key=OPERATOR_KEY, retry=replace(FAST, max_retries=0))
+    failing = await make_receiver(lambda arrival, n: web.Response(status=500))
+    a, b = (await new_client(service, "a"))["api_key"]["key"], (await new_client(service, "b"))["api_key"]["key"]
+    theirs = (await submit_as(service, a, webhook_url=failing.url()))["job_id"]
+    await wait_for_status(service, theirs, "failed")
+    mine = (await submit_as(service, b, webhook_url=failing.url()))["job_id"]
+    await wait_for_status(service, mine, "failed")
+    unknown = "job-" + "0" * 32
+    for method, path in (("GET", "/jobs/{}"), ("GET", "/webhooks/{}/status"), ("GET", "/webhooks/{}/request"),
+                         ("POST", "/webhooks/{}/redeliver")):
+        answers = []
+        for job_id in (theirs, unknown):
+            response = await service.request(method, path.format(job_id), headers=bearer(b))
+            answers.append((response.status, (await response.text()).replace(job_id, "ID")))
+        assert answers[0] == answers[1] and answers[0][0] == 404, (path, answers)
+    listed = await (await service.get("/jobs", headers=bearer(b))).json()
+    assert [j["job_id"] for j in listed["jobs"]] == [mine] and listed["jobs"][0]["client"] == "b"
+    dead = await (await service.get("/webhooks/dead-letter", headers=bearer(b))).json()
+    assert [d["job_id"] for d in dead["deliveries"]] == [mine]
+    window = {"since": "2000-01-01T00:00:00Z", "dry_run": True}
+    assert await (await service.post("/webhooks/redeliver", json=window, headers=bearer(b))).json() == {"would_redeliver": 1}
+    assert await (await service.post("/webhooks/redeliver", json=window, headers=OPERATOR)).json() == {"would_redeliver": 2}
+    redelivered = await service.post("/webhooks/redeliver", json={**window, "dry_run": False}, headers=bearer(b))
+    assert await redelivered.json() == {"redelivered": 1}
+    status = await (await service.get(f"/webhooks/{theirs}/status", headers=OPERATOR)).json()
+    assert status["delivery_status"] == "failed" and status["client"] == "a"  # not touched by b's bulk call
+    assert (await service.get("/jobs?client=a", headers=bearer(b))).status == 400
+    by_a = await (await service.get("/jobs?client=a", headers=OPERATOR)).json()
+    assert [(j["job_id"], j["client"]) for j in by_a["jobs"]] == [(theirs, "a")]
+
+
+@both_stores
+async def test_an_idempotency_key_is_each_clients_own(make_service: Callable[..., Any], config: Config) -> None:
+    service = await make_service(api_key=OPERATOR_KEY)
+    keys = [(await new_client(service, name))["api_key"]["key"] for name in ("a", "b")]
+    ids = []
+    for key in (*keys, keys[0]):
+        response = await service.post("/predict", json={"text": "order 1"},
+                                      headers={**bearer(key), "Idempotency-Key": "order-1"})
+        ids.append((await response.json())["job_id"])
+    assert ids[0] != ids[1] and ids[2] == ids[0]
+    assert await query(config.db, "SELECT count(*) FROM jobs") == [(2,)]
+
+
+@both_stores
+async def test_a_clients_webhooks_carry_its_own_signatures_only(
+    make_service: Callable[..., Any], receiver: Receiver
+) -> None:
+    service = await make_service(api_key=OPERATOR_KEY)
+    acme, other = await new_client(service, "acme"), await new_client(service, "other")
+    await submit_as(service, acme["api_key"]["key"], webhook_url=receiver.url())
+    [arrival] = await receiver.wait_for(1)
+    Webhook(acme["secret"]).verify(arrival.body, arrival.headers)
+    assert webhookd.verify_x_signature([_key(acme["secret"])], arrival.body, arrival.headers["X-Signature"])
+    for wrong in (other["secret"], SECRET):
+        with pytest.raises(WebhookVerificationError):
+            Webhook(wrong).verify(arrival.body, arrival.headers)
+        assert not webhookd.verify_x_signature([_key(wrong)], arrival.body, arrival.headers["X-Signature"])
+
+
+@both_stores
+async def test_a_rotated_secret_overlaps_as_asked_and_a_redelivery_takes_the_current_ones(
+    make_service: Callable[..., Any], receiver: Receiver
+) -> None:
+    service = await make_service(api_key=OPERATOR_KEY)
+    acme = await new_client(service, "acme")
+    key, first = acme["api_key"]["key"], acme["secret"]
+    job_id = (await submit_as(service, key, webhook_url=receiver.url()))["job_id"]
+    await receiver.wait_for(1)
+    rotated = await service.post("/clients/acme/secrets", json={"overlap_hours": 24}, headers=bearer(key))
+    assert rotated.status == 201
+    second = (await rotated.json())["secret"]
+    await submit_as(service, key, webhook_url=receiver.url())
+    overlapping = (await receiver.wait_for(2))[1]
+    for secret in (first, second):
+        Webhook(secret).verify(overlapping.body, overlapping.headers)
+    assert webhookd.verify_x_signature([_key(second)], overlapping.body, overlapping.headers["X-Signature"])
+    third = await (await service.post("/clients/acme/secrets", json={"overlap_hours": 0}, headers=OPERATOR)).json()
+    assert (await service.post(f"/webhooks/{job_id}/redeliver", headers=bearer(key))).status == 202
+    redelivered = (await receiver.wait_for(3))[2]
+    assert redelivered.json["job_id"] == job_id
+    Webhook(third["secret"]).verify(redelivered.body, redelivered.headers)
+    for old in (first, second):
+        with pytest.raises(WebhookVerificationError):
+            Webhook(old).verify(redelivered.body, redelivered.headers)
+    for bad in ({"overlap_hours": -1}, {"overlap_hours": 721}, {"overlap_hours": "24"}, {"overlap": 1}):
+        assert (await service.post("/clients/acme/secrets", json=bad, headers=OPERATOR)).status == 400, bad
+
+
+@both_stores
+async def test_a_second_key_works_and_a_revoked_one_is_refused(make_service: Callable[..., Any]) -> None:
+    service = await make_service(api_key=OPERATOR_KEY)
+    acme = await new_client(service, "acme")
+    first = acme["api_key"]
+    second = await (await service.post("/clients/acme/keys", headers=bearer(first["key"]))).json()
+    await submit_as(service, second["key"])
+    assert (await service.delete(f"/clients/acme/keys/{first['id']}", headers=bearer(second["key"]))).status == 204
+    assert (await service.get("/jobs", headers=bearer(first["key"]))).status == 401  # at once, on this instance
+    assert (await service.get("/jobs", headers=bearer(second["key"]))).status == 200
+    assert (await service.delete(f"/clients/acme/keys/{first['id']}", headers=OPERATOR)).status == 404
+
+
+@postgres_only
+async def test_a_key_revoked_on_one_instance_is_refused_by_the_others(make_service: Callable[..., Any]) -> None:
+    one, other = await make_service(api_key=OPERATOR_KEY), await make_service(api_key=OPERATOR_KEY)
+    key = (await new_client(one, "acme"))["api_key"]
+    await wait_until(lambda: accepted_by(other, key["key"]), "the other instance to know the new client")
+    assert (await one.delete(f"/clients/acme/keys/{key['id']}", headers=OPERATOR)).status == 204
+    await wait_until(lambda: refused_by(other, key["key"]), "the other instance to refuse the revoked key")
+
+
+@both_stores
+async def test_a_change_from_the_command_line_is_in_force_in_the_running_service(
+    make_service: Callable[..., Any], config: Config
+) -> None:
+    service = await make_service(api_key=OPERATOR_KEY)
+    made = await asyncio.to_thread(run_clients, "add", "acme", "--db", config.db)
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["api_key"]
+    await wait_until(lambda: accepted_by(service, key["key"]), "the service to know the new client")
+    revoked = await asyncio.to_thread(run_clients, "--db", config.db, "revoke-key", "acme", key["id"])
+    assert revoked.returncode == 0 and json.loads(revoked.stdout) == {"id": key["id"], "revoked": True}
+    await wait_until(lambda: refused_by(service, key["key"]), "the service to refuse the revoked key")
+
+
+async def accepted_by(service: TestClient, key: str) -> bool:
+    return (await service.get("/jobs", headers=bearer(key))).status == 200
+
+
+async def refused_by(service: TestClient, key: str) -> bool:
+    return (await service.get("/jobs", headers=bearer(key))).status == 401
+
+
+def run_clients(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(HERE / "webhookd.py"), "clients", *args], capture_output=True,
+                          text=True, timeout=DEADLINE, env=child_environment())
+
+
+def test_the_clients_command_line_says_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    db = str(tmp_path / "c.db")
+    assert run_clients("add", "acme", "--db", db).returncode == 0
+    for args in (("show", "nobody"), ("add", "acme"), ("add", "Not A Name"), ("revoke-key", "acme", "key_x"),
+                 ("rotate-secret", "acme", "--overlap-hours", "1000"), ("frobnicate",), ("add",)):
+        done = run_clients(*args, "--db", db)
+        assert done.returncode != 0 and done.stderr.count("\n") == 1 and not done.stdout, (args, done.stderr)
+    shown = json.loads(run_clients("--db", db, "disable", "acme").stdout)
+    assert shown["name"] == "acme" and shown["disabled"] is True
+    assert json.loads(run_clients("enable", "acme", f"--db={db}").stdout)["disabled"] is False
+
+
+@both_stores
+async def test_a_disabled_client_is_refused_but_its_accepted_work_is_delivered(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(api_key=OPERATOR_KEY)
+    up = asyncio.Event()
+    receiver = await make_receiver(fails_until(up))
+    acme = await new_client(service, "acme")
+    key = acme["api_key"]["key"]
+    job_id = (await submit_as(service, key, webhook_url=receiver.url()))["job_id"]
+    await receiver.wait_for(1)
+    disabled = await service.patch("/clients/acme", json={"disabled": True}, headers=OPERATOR)
+    assert disabled.status == 200 and (await disabled.json())["disabled"] is True
+    for method, path in (("POST", "/predict"), ("GET", "/jobs"), ("GET", "/clients/acme")):
+        response = await service.request(method, path, json={"text": "x"}, headers=bearer(key))
+        assert response.status == 403 and "disabled" in (await response.json())["error"], path
+    up.set()
+    await wait_for_status(service, job_id, "delivered")
+    Webhook(acme["secret"]).verify(receiver.arrivals[-1].body, receiver.arrivals[-1].headers)
+
+
+async def test_no_key_is_kept_in_the_database_files(make_service: Callable[..., Any], config: Config) -> None:
+    service = await make_service(api_key=OPERATOR_KEY)
+    acme = await new_client(service, "acme")
+    second = await (await service.post("/clients/acme/keys", headers=OPERATOR)).json()
+    await submit_as(service, second["key"])
+    files = [path for path in glob.glob(config.db + "*")]
+    assert config.db + "-wal" in files
+    for path in files:
+        content = Path(path).read_bytes()
+        for key in (acme["api_key"]["key"], second["key"]):
+            assert key.encode() not in content and key[4:].encode() not in content, path
+
+
+def ten_ms_model(text: str) -> dict[str, Any]:
+    time.sleep(0.01)
+    return {"sentiment": "neutral", "confidence": 0.5}
+
+
+async def test_a_flooding_client_is_told_to_wait_and_delays_another_by_about_a_batch(
+    make_service: Callable[..., Any], receiver: Receiver
+) -> None:
+    service = await make_service(api_key=OPERATOR_KEY, model="test_webhookd:ten_ms_model", workers=1,
+                                 max_backlog=1000)
+    flood, quiet = (await new_client(service, "flood"))["api_key"]["key"], (await new_client(service, "quiet"))["api_key"]["key"]
+    answers = []
+    for burst in range(16):  # 1,600 jobs, 100 at once
+        answers += await asyncio.gather(*(
+            service.post("/predict", json={"text": f"flood {burst} {n}", "webhook_url": receiver.url("/flood")},
+                         headers=bearer(flood)) for n in range(100)))
+    refused = [a for a in answers if a.status == 429]
+    assert refused and all(a.headers["Retry-After"] for a in refused)
+    assert "--client-backlog" in (await refused[0].json())["error"]
+    assert all(a.status in (202, 429) for a in answers)
+    workers = service.app[webhookd.WORKERS]
+    for n in range(3):
+        job_id = (await submit_as(service, quiet, f"quiet {n}", webhook_url=receiver.url("/quiet")))["job_id"]
+        await receiver.wait_for(1, job_id)
+        # Delivered while the flood still waits: it went ahead of it, not behind it.
+        assert workers.queue.held("flood") > 0
+
+
+async def test_a_database_of_webhookd_1_1_is_upgraded_and_its_jobs_are_the_operators(
+    make_service: Callable[..., Any], config: Config, tmp_path: Path
+) -> None:
+    old = webhookd_1_1(tmp_path)
+    store = await old.open_store(config.db, old.Loops(), 2.0)
+    await store.add_job(old.Job("job-" + "1" * 32, "left by 1.1", None, None, time.time()), "order-1", "h")
+    await store.close()
+    service = await make_service(api_key=OPERATOR_KEY)
+    job = await (await service.get("/jobs/job-" + "1" * 32, headers=OPERATOR)).json()
+    assert job["client"] is None and job["job_id"] == "job-" + "1" * 32
+    key = (await new_client(service, "acme"))["api_key"]["key"]
+    assert (await service.get("/jobs/job-" + "1" * 32, headers=bearer(key))).status == 404
+    assert (await (await service.get("/jobs", headers=bearer(key))).json())["jobs"] == []
+    assert await query(config.db, "SELECT value FROM settings WHERE name = 'schema_version'") == [("3",)]
+
+
+def webhookd_1_1(tmp_path: Path) -> Any:
+    """webhookd 1.1 as it was released, from the project's history."""
+    done = subprocess.run(["git", "show", "0ff3370:webhookd.py"], cwd=HERE, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"the upgrade test reads webhookd 1.1 from git history (a full clone): {done.stderr.strip()}")
+    path = tmp_path / "webhookd_1_1.py"
+    path.write_text(done.stdout)
+    spec = importlib.util.spec_from_file_location("webhookd_1_1", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["webhookd_1_1"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------------------
@@ -2583,7 +2882,7 @@ def test_histogram_buckets_are_cumulative_and_include_their_bound() -> None:
 async def test_metrics_parse_and_answer_are_webhooks_arriving(
     service: TestClient, make_receiver: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(webhookd.Metrics, "MAX_RECEIVER_LABELS", 1)
+    monkeypatch.setattr(webhookd.Metrics, "MAX_LABELS", 1)
     flaky, dead = await make_receiver(answer_status(500)), await make_receiver(lambda a, n: web.Response(status=410))
     delivered = (await submit(service, webhook_url=flaky.url()))["job_id"]
     failed = (await submit(service, webhook_url=dead.url().replace("127.0.0.1", "localhost")))["job_id"]
@@ -3107,23 +3406,23 @@ async def test_a_compressed_body_is_refused_unread(service: TestClient) -> None:
     assert response.status == 415 and "Content-Encoding" in (await response.json())["error"]
 
 
-async def test_one_client_cannot_hold_every_request_slot(
+async def test_one_address_cannot_hold_every_request_slot(
     make_service: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(webhookd, "MAX_REQUESTS_PER_CLIENT", 2)
+    monkeypatch.setattr(webhookd, "MAX_REQUESTS_PER_ADDRESS", 2)
     service = await make_service()
     head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     slow = [await asyncio.open_connection(service.server.host, service.server.port) for _ in range(2)]
     for _, writer in slow:
         writer.write(head + b"{")
         await writer.drain()
-    await wait_until(lambda: asyncio.sleep(0, sum(service.app[webhookd.REQUESTS_BY_CLIENT].values()) == 2),
+    await wait_until(lambda: asyncio.sleep(0, sum(service.app[webhookd.REQUESTS_BY_ADDRESS].values()) == 2),
                      "both slow requests to be in the handler")
     refused = await service.post("/predict", json={"text": "hi"})
     assert refused.status == 429 and refused.headers["Retry-After"] == "1"
     for _, writer in slow:
         writer.close()
-    await wait_until(lambda: asyncio.sleep(0, not service.app[webhookd.REQUESTS_BY_CLIENT]), "the slots to free")
+    await wait_until(lambda: asyncio.sleep(0, not service.app[webhookd.REQUESTS_BY_ADDRESS]), "the slots to free")
     assert (await service.post("/predict", json={"text": "hi"})).status == 202
 
 

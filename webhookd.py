@@ -57,7 +57,7 @@ from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import aiohttp
 import aiosqlite
@@ -171,6 +171,7 @@ class Config:
     timeout: float = 10.0
     max_in_flight: int = 256
     max_backlog: int = 4000
+    client_backlog: int = 0  # 0: half of max_backlog
     retention_days: float = 30.0
     allow_private_urls: bool = False
     api_key: str | None = field(default=None, repr=False)
@@ -178,6 +179,11 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     failover_after: float = 10.0
+
+    @property
+    def client_limit(self) -> int:
+        """The most accepted, unfinished work one client may hold: --client-backlog, or half of --max-backlog."""
+        return self.client_backlog or max(1, self.max_backlog // 2)
 
     def __post_init__(self) -> None:
         problems = [
@@ -187,6 +193,7 @@ class Config:
                 (not 0 < self.timeout <= 3600, "--timeout must be between 0 and 3600 seconds"),
                 (self.max_in_flight < 1, "--max-in-flight must be at least 1"),
                 (self.max_backlog < 1, "--max-backlog must be at least 1"),
+                (self.client_backlog < 0, "--client-backlog must be at least 1 (0: half of --max-backlog)"),
                 (not 0 <= self.retention_days < math.inf, "--retention-days must be 0 (keep all) or more"),
                 (not 0 <= self.retry.max_retries <= 100, "--max-retries must be 0 to 100"),
                 (not 0 < self.retry.backoff_base <= 3600, "--backoff-base must be a number over 0, at most 3600"),
@@ -344,7 +351,7 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 # Storage
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 2  # 1 was webhookd 1.0's SQLite schema: no owners, no instances
+SCHEMA_VERSION = 3  # 1 was webhookd 1.0's SQLite schema (no owners, no instances); 2, 1.1's (no clients)
 
 # One schema for both stores; the {fields} are where their dialects differ.
 SCHEMA = """
@@ -368,10 +375,29 @@ CREATE TABLE IF NOT EXISTS jobs (
     completed_at    {real},
     idempotency_key TEXT,                  -- kept for IDEMPOTENCY_KEY_LIFETIME, then cleared
     request_hash    TEXT,
-    owner           TEXT                   -- the instance that runs it
+    owner           TEXT,                  -- the instance that runs it
+    client          TEXT NOT NULL DEFAULT ''  -- the client that submitted it; '' for the operator
 );
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_idempotency_key
-    ON jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_client_and_idempotency_key
+    ON jobs (client, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs (client, id) WHERE client <> '';
+CREATE TABLE IF NOT EXISTS clients (
+    name       TEXT PRIMARY KEY,
+    created_at {real} NOT NULL,
+    disabled   INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS client_keys (
+    id         TEXT PRIMARY KEY,
+    client     TEXT NOT NULL,
+    hash       TEXT NOT NULL UNIQUE,       -- SHA-256 of the key, hex: the key itself is never kept
+    created_at {real} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS client_secrets (
+    client     TEXT NOT NULL,
+    secret     TEXT NOT NULL,
+    created_at {real} NOT NULL,
+    until      {real}                      -- when it stops signing; NULL while it is the newest
+);
 CREATE TABLE IF NOT EXISTS deliveries (
     job_id          TEXT PRIMARY KEY,
     url             TEXT NOT NULL,
@@ -403,6 +429,10 @@ CREATE TABLE IF NOT EXISTS attempts (
 {owner_indexes}
 """
 
+# From schema 2: jobs belong to clients, and an Idempotency-Key is a client's own.
+UPGRADE_TO_3 = ("ALTER TABLE jobs ADD COLUMN client TEXT NOT NULL DEFAULT ''",
+                "DROP INDEX IF EXISTS jobs_by_idempotency_key")
+
 Statement = tuple[str, Sequence[Any]]
 Row = Sequence[Any]
 
@@ -433,6 +463,29 @@ class Job:
     webhook_url: str | None
     retry_policy: dict[str, Any] | None
     created_at: float
+    client: str = ""  # '' for the operator's jobs
+
+
+class Caller(NamedTuple):
+    """Who is asking, decided once per request from its bearer key: whose jobs it sees, and
+    whether it may manage clients. Every read of jobs takes one, so none can forget the scope."""
+
+    client: str | None  # a client's name: its own jobs only; None: every job
+    operator: bool = False  # holds --api-key
+
+    @property
+    def owner(self) -> str:
+        """The client column of a job this caller submits: '' for the operator's."""
+        return self.client or ""
+
+
+ANYONE = Caller(None)  # neither --api-key nor a client exists: the open service of webhookd 1.1
+OPERATOR = Caller(None, operator=True)
+
+
+def _scope(caller: Caller) -> tuple[str, tuple[str, ...]]:
+    """The condition on jobs j that keeps a query to the caller's jobs."""
+    return ("", ()) if caller.client is None else (" AND j.client = ?", (caller.client,))
 
 
 def new_job_id() -> str:
@@ -463,6 +516,25 @@ class Delivery:
     round_start: int
     policy: RetryPolicy
     created_at: float  # when the job was submitted
+    client: str = ""  # whose secrets sign it
+
+
+class ClientInfo(NamedTuple):
+    """A client as GET /clients shows it: never a key or a secret."""
+
+    name: str
+    created_at: float
+    disabled: bool
+    keys: list[tuple[str, float]]  # (key id, created_at), oldest first
+    secrets: int  # still signing
+
+
+class ClientKeys(NamedTuple):
+    """What an instance keeps in memory to know its callers and sign for them."""
+
+    clients: dict[str, bool]  # name -> disabled
+    keys: dict[str, str]  # SHA-256 of a key, hex -> its client
+    secrets: dict[str, list[tuple[str, float | None]]]  # client -> (secret, until), newest first
 
 
 class Takeover(NamedTuple):
@@ -472,11 +544,12 @@ class Takeover(NamedTuple):
     deliveries: list[tuple[float, str]]  # (next attempt time, job id) of pending and retrying ones
 
 
-async def open_store(db: str, loops: Loops, timeout: float) -> Store:
-    """The store --db names: a postgresql:// or postgres:// URL, else an SQLite file."""
+async def open_store(db: str, loops: Loops, timeout: float, instance: bool = True) -> Store:
+    """The store --db names: a postgresql:// or postgres:// URL, else an SQLite file. With
+    instance False (the command line), it runs no jobs: it neither locks the file nor joins."""
     if db.startswith(POSTGRES_SCHEMES):
-        return await PostgresStore.open(db, loops, timeout)
-    return await SQLiteStore.open(db, loops)
+        return await PostgresStore.open(db, loops, timeout, instance)
+    return await SQLiteStore.open(db, loops, instance)
 
 
 async def secret_in_db(db: str, timeout: float) -> str | None:
@@ -518,34 +591,36 @@ class Store:
         """Commit a new job, owned by this instance; with a key already taken, nothing."""
         await self._write((
             "INSERT INTO jobs (id, text, webhook_url, retry_policy, status, created_at, idempotency_key,"
-            " request_hash, owner) VALUES (?, ?, ?, ?, 'processing', ?, ?, ?, ?)"
-            " ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+            " request_hash, owner, client) VALUES (?, ?, ?, ?, 'processing', ?, ?, ?, ?, ?)"
+            " ON CONFLICT (client, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
             (job.id, job.text, job.webhook_url, job.retry_policy and json.dumps(job.retry_policy),
-             job.created_at, key, request_hash, self.instance),
+             job.created_at, key, request_hash, self.instance, job.client),
         ))
 
-    async def job_with_key(self, key: str) -> Row | None:
-        """(job id, has a webhook, request hash) of the job an Idempotency-Key stands for."""
+    async def job_with_key(self, client: str, key: str) -> Row | None:
+        """(job id, has a webhook, request hash) of the job a client's Idempotency-Key stands for."""
         return await self._fetch_one(
-            "SELECT id, webhook_url IS NOT NULL, request_hash FROM jobs WHERE idempotency_key = ?", (key,)
+            "SELECT id, webhook_url IS NOT NULL, request_hash FROM jobs WHERE client = ? AND idempotency_key = ?",
+            (client, key),
         )
 
-    async def job(self, job_id: str) -> Row | None:
-        """(status, result, error, created_at, completed_at, webhook_url) of a job."""
+    async def job(self, caller: Caller, job_id: str) -> Row | None:
+        """(status, result, error, created_at, completed_at, webhook_url, client) of a job the caller may see."""
+        scope, params = _scope(caller)
         return await self._fetch_one(
-            "SELECT status, result, error, created_at, completed_at, webhook_url FROM jobs WHERE id = ?",
-            (job_id,),
+            "SELECT status, result, error, created_at, completed_at, webhook_url, client FROM jobs j"
+            f" WHERE id = ?{scope}", (job_id, *params),
         )
 
     async def unfinished_jobs(self, job_ids: list[str]) -> list[Job]:
         """Those of the jobs that are still unfinished and this instance's, oldest first."""
         marks = ",".join("?" * len(job_ids))
         rows = await self._fetch(
-            "SELECT id, text, webhook_url, retry_policy, created_at FROM jobs"
+            "SELECT id, text, webhook_url, retry_policy, created_at, client FROM jobs"
             f" WHERE id IN ({marks}) AND status = 'processing' AND owner = ? ORDER BY id",
             (*job_ids, self.instance),
         )
-        return [Job(row[0], row[1], row[2], _json_or_none(row[3]), row[4]) for row in rows]
+        return [Job(row[0], row[1], row[2], _json_or_none(row[3]), row[4], row[5]) for row in rows]
 
     async def record_results(self, finished: Sequence[tuple[Job, str | None, str | None, bytes | None]],
                              completed_at: float) -> None:
@@ -599,39 +674,47 @@ class Store:
 
     # Deliveries and attempts
 
-    async def webhook(self, job_id: str) -> Row | None:
-        """(webhook_url, delivery status or None, next_attempt_at) of a job."""
+    async def webhook(self, caller: Caller, job_id: str) -> Row | None:
+        """(webhook_url, delivery status or None, next_attempt_at, client) of a job the caller may see."""
+        scope, params = _scope(caller)
         return await self._fetch_one(
-            "SELECT j.webhook_url, d.status, d.next_attempt_at FROM jobs j"
-            " LEFT JOIN deliveries d ON d.job_id = j.id WHERE j.id = ?",
-            (job_id,),
+            "SELECT j.webhook_url, d.status, d.next_attempt_at, j.client FROM jobs j"
+            f" LEFT JOIN deliveries d ON d.job_id = j.id WHERE j.id = ?{scope}",
+            (job_id, *params),
         )
 
-    async def payload(self, job_id: str) -> bytes | None:
-        """The webhook body of a job's delivery, as every attempt sends it."""
-        row = await self._fetch_one("SELECT payload FROM deliveries WHERE job_id = ?", (job_id,))
-        return bytes(row[0]) if row else None
+    async def payload(self, caller: Caller, job_id: str) -> tuple[bytes, str] | None:
+        """(the webhook body every attempt sends, the job's client) of a job the caller may see."""
+        scope, params = _scope(caller)
+        row = await self._fetch_one(
+            f"SELECT d.payload, j.client FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.job_id = ?{scope}",
+            (job_id, *params))
+        return (bytes(row[0]), row[1]) if row else None
 
-    async def attempts(self, job_id: str) -> list[Row]:
+    async def attempts(self, caller: Caller, job_id: str) -> list[Row]:
         """(attempt, at, status_code, error, duration_ms, response JSON) of every attempt, in order."""
+        scope, params = _scope(caller)
         return await self._fetch(
-            "SELECT attempt, at, status_code, error, duration_ms, response FROM attempts WHERE job_id = ? ORDER BY attempt",
-            (job_id,),
+            "SELECT a.attempt, a.at, a.status_code, a.error, a.duration_ms, a.response FROM attempts a"
+            f" JOIN jobs j ON j.id = a.job_id WHERE a.job_id = ?{scope} ORDER BY a.attempt",
+            (job_id, *params),
         )
 
-    async def dead_letter(self, limit: int) -> list[Row]:
+    async def dead_letter(self, caller: Caller, limit: int) -> list[Row]:
         """(job_id, url, attempts, last_error, failed_at) of failed deliveries, newest first."""
+        scope, params = _scope(caller)
         return await self._fetch(
-            "SELECT job_id, url, attempts, last_error, failed_at FROM deliveries"
-            " WHERE status = 'failed' ORDER BY failed_at DESC LIMIT ?",
-            (limit,),
+            "SELECT d.job_id, d.url, d.attempts, d.last_error, d.failed_at FROM deliveries d"
+            f" JOIN jobs j ON j.id = d.job_id WHERE d.status = 'failed'{scope} ORDER BY d.failed_at DESC LIMIT ?",
+            (*params, limit),
         )
 
     async def due_deliveries(self, job_ids: list[str]) -> list[Row]:
-        """(job_id, url, payload, attempts, round_start, retry_policy, created_at) of those under way and ours."""
+        """(job_id, url, payload, attempts, round_start, retry_policy, created_at, client) of those
+        under way and ours."""
         marks = ",".join("?" * len(job_ids))
         return await self._fetch(
-            "SELECT d.job_id, d.url, d.payload, d.attempts, d.round_start, j.retry_policy, j.created_at"
+            "SELECT d.job_id, d.url, d.payload, d.attempts, d.round_start, j.retry_policy, j.created_at, j.client"
             " FROM deliveries d JOIN jobs j ON j.id = d.job_id"
             f" WHERE d.job_id IN ({marks}) AND d.status IN ('pending', 'retrying') AND d.owner = ?",
             (*job_ids, self.instance),
@@ -652,19 +735,23 @@ class Store:
               job_id, self.instance)),
         )
 
-    async def start_round(self, job_id: str, now: float) -> bool:
+    async def start_round(self, caller: Caller, job_id: str, now: float) -> bool:
         """Make a finished delivery pending again, owned by this instance; False if one is under way."""
-        return bool(await self._start_rounds_of("job_id = ? AND status IN ('delivered', 'failed')", (job_id,), now))
+        scope, params = _scope(caller)
+        return bool(await self._start_rounds_of(
+            "job_id = ? AND status IN ('delivered', 'failed')"
+            f" AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = deliveries.job_id{scope})", (job_id, *params), now))
 
-    async def list_jobs(self, statuses: Sequence[str], delivery_statuses: Sequence[str], prefix: str | None,
-                        before: str | None, limit: int) -> list[Row]:
+    async def list_jobs(self, caller: Caller, statuses: Sequence[str], delivery_statuses: Sequence[str],
+                        prefix: str | None, before: str | None, limit: int) -> list[Row]:
         """(job_id, status, created_at, completed_at, webhook_url, delivery_status, attempts,
-        last_error, next_attempt_at) of jobs newest first, filtered, below the id `before`."""
+        last_error, next_attempt_at, client) of jobs newest first, filtered, below the id `before`."""
         # Most jobs end completed and delivered: a filter on the other statuses reads small
         # partial indexes, spelt out for the planner. A pending delivery is a stored one, or the
         # webhook of a job still running, which has no delivery row yet: two sources, each read
         # newest first through its own index.
-        common, params = [], list(statuses)
+        scope, params = _scope(caller)
+        common, params = [scope.removeprefix(" AND ")] if scope else [], [*params, *statuses]
         if statuses:
             common.append(f"j.status IN ({','.join('?' * len(statuses))})")
             if "completed" not in statuses:
@@ -690,21 +777,19 @@ class Store:
                 (*(param for _, part_params in parts for param in part_params), limit),
             )
 
-    async def failed_between(self, since: float, until: float, limit: int) -> int:
-        """How many deliveries became failed between `since` and `until` (at most `limit`)."""
+    async def failed_between(self, caller: Caller, since: float, until: float, limit: int) -> int:
+        """How many of the caller's deliveries became failed between `since` and `until` (at most `limit`)."""
+        scope, params = _scope(caller)
         row = await self._fetch_one(
-            "SELECT count(*) FROM (SELECT 1 FROM deliveries WHERE status = 'failed'"
-            " AND failed_at >= ? AND failed_at <= ? LIMIT ?) AS failed", (since, until, limit))
+            f"SELECT count(*) FROM ({FAILED_BETWEEN.format(scope=scope)}) AS failed", (since, until, *params, limit))
         return row[0] if row else 0
 
-    async def start_rounds(self, since: float, until: float, limit: int, now: float) -> list[str]:
-        """Make up to `limit` deliveries that failed between `since` and `until` pending again,
-        owned by this instance, oldest failure first; their job ids."""
+    async def start_rounds(self, caller: Caller, since: float, until: float, limit: int, now: float) -> list[str]:
+        """Make up to `limit` of the caller's deliveries that failed between `since` and `until`
+        pending again, owned by this instance, oldest failure first; their job ids."""
+        scope, params = _scope(caller)
         return await self._start_rounds_of(
-            "status = 'failed' AND job_id IN (SELECT job_id FROM deliveries"
-            " WHERE status = 'failed' AND failed_at >= ? AND failed_at <= ? ORDER BY failed_at LIMIT ?)",
-            (since, until, limit), now,
-        )
+            f"status = 'failed' AND job_id IN ({FAILED_BETWEEN.format(scope=scope)})", (since, until, *params, limit), now)
 
     async def _start_rounds_of(self, which: str, params: Sequence[Any], now: float) -> list[str]:
         rows = await self._change(
@@ -725,6 +810,75 @@ class Store:
         row = await self._fetch_one("SELECT value FROM settings WHERE name = 'secret'")
         assert row is not None
         return row[0]
+
+    # Clients
+
+    async def add_client(self, name: str, key_id: str, key_hash: str, secret: str, now: float) -> bool:
+        """Make a client with its first key and secret; False if the name is taken."""
+        if await self._fetch_one("SELECT 1 FROM clients WHERE name = ?", (name,)):
+            return False
+        try:
+            await self._write(("INSERT INTO clients (name, created_at) VALUES (?, ?)", (name, now)),
+                              (ADD_KEY, (key_id, name, key_hash, now)), (ADD_SECRET, (name, secret, now)))
+        except StoreUnavailable:
+            raise
+        except Exception:  # the same name made at the same moment elsewhere: its unique key refused ours
+            if await self._fetch_one("SELECT 1 FROM clients WHERE name = ?", (name,)):
+                return False
+            raise
+        return True
+
+    async def clients(self, name: str | None = None) -> list[ClientInfo]:
+        """Every client (or the one named), by name, with its key ids and how many secrets sign."""
+        one, params = (" AND client = ?", (name,)) if name is not None else ("", ())
+        rows = await self._fetch("SELECT name, created_at, disabled FROM clients WHERE name = coalesce(?, name)"
+                                 " ORDER BY name", (name,))
+        keys = await self._fetch(f"SELECT client, id, created_at FROM client_keys WHERE 1 = 1{one}"
+                                 " ORDER BY created_at, id", params)
+        signing = dict(await self._fetch("SELECT client, count(*) FROM client_secrets"
+                                         f" WHERE (until IS NULL OR until > ?){one} GROUP BY client",
+                                         (time.time(), *params)))
+        return [ClientInfo(row[0], row[1], bool(row[2]), [(k[1], k[2]) for k in keys if k[0] == row[0]],
+                           signing.get(row[0], 0)) for row in rows]
+
+    async def add_key(self, name: str, key_id: str, key_hash: str, now: float) -> bool:
+        """Give a client one more key; False if there is no such client."""
+        return bool(await self._change(
+            "INSERT INTO client_keys (id, client, hash, created_at) SELECT ?, ?, ?, ?"
+            " WHERE EXISTS (SELECT 1 FROM clients WHERE name = ?) RETURNING id", (key_id, name, key_hash, now, name)))
+
+    async def revoke_key(self, name: str, key_id: str) -> bool:
+        """Delete a client's key; False if it has no such key."""
+        return bool(await self._change("DELETE FROM client_keys WHERE client = ? AND id = ? RETURNING id",
+                                       (name, key_id)))
+
+    async def rotate_secret(self, name: str, secret: str, now: float, previous_until: float) -> bool:
+        """Sign a client's webhooks with a new secret from now, and its previous ones until
+        `previous_until` at the latest; False if there is no such client."""
+        if not await self._fetch_one("SELECT 1 FROM clients WHERE name = ?", (name,)):
+            return False
+        await self._write(
+            ("UPDATE client_secrets SET until = ? WHERE client = ? AND (until IS NULL OR until > ?)",
+             (previous_until, name, previous_until)),
+            (ADD_SECRET, (name, secret, now)),
+        )
+        return True
+
+    async def set_disabled(self, name: str, disabled: bool) -> bool:
+        """Disable or enable a client; False if there is no such client."""
+        return bool(await self._change("UPDATE clients SET disabled = ? WHERE name = ? RETURNING name",
+                                       (int(disabled), name)))
+
+    async def client_keys(self, now: float) -> ClientKeys:
+        """Every client, key hash and secret still signing at `now`: what an instance keeps in memory."""
+        clients = {name: bool(disabled) for name, disabled in await self._fetch("SELECT name, disabled FROM clients")}
+        keys = {key_hash: client for key_hash, client in await self._fetch("SELECT hash, client FROM client_keys")}
+        secrets_: dict[str, list[tuple[str, float | None]]] = {}
+        for client, secret, until in await self._fetch(
+                "SELECT client, secret, until FROM client_secrets WHERE until IS NULL OR until > ?"
+                " ORDER BY client, created_at DESC", (now,)):
+            secrets_.setdefault(client, []).append((secret, until))
+        return ClientKeys(clients, keys, secrets_)
 
     async def counts(self) -> tuple[dict[str, int], int]:
         """Jobs by status, and deliveries in the dead letter."""
@@ -817,6 +971,10 @@ class Store:
             _settle(done, None)
 
 
+ADD_KEY = "INSERT INTO client_keys (id, client, hash, created_at) VALUES (?, ?, ?, ?)"
+ADD_SECRET = "INSERT INTO client_secrets (client, secret, created_at) VALUES (?, ?, ?)"
+FAILED_BETWEEN = ("SELECT d.job_id FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.status = 'failed'"
+                  " AND d.failed_at >= ? AND d.failed_at <= ?{scope} ORDER BY d.failed_at LIMIT ?")
 # A job with a webhook and no delivery row yet is still running: its delivery is pending.
 DELIVERY_STATUS = "coalesce(d.status, CASE WHEN j.webhook_url IS NOT NULL THEN 'pending' END)"
 ALL_JOBS = "jobs j LEFT JOIN deliveries d ON d.job_id = j.id"
@@ -839,7 +997,7 @@ def _job_page(source: str, key: str, conditions: list[str], params: list[Any], p
         params.append(before)
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
     return (f"SELECT j.id, j.status, j.created_at, j.completed_at, j.webhook_url, {DELIVERY_STATUS},"
-            " coalesce(d.attempts, 0), d.last_error, d.next_attempt_at"
+            " coalesce(d.attempts, 0), d.last_error, d.next_attempt_at, j.client"
             f" FROM {source}{where} ORDER BY {key} DESC LIMIT ?", (*params, limit))
 
 
@@ -903,9 +1061,9 @@ class SQLiteStore(Store):
         super().__init__(loops)
 
     @classmethod
-    async def open(cls, path: str, loops: Loops) -> SQLiteStore:
+    async def open(cls, path: str, loops: Loops, instance: bool = True) -> SQLiteStore:
         """Open (or create) the database at path, in WAL mode, for this instance alone."""
-        lock = _lock_file(path)
+        lock = _lock_file(path, exclusive=instance)
         # The sqlite3 module begins the transaction itself at the first write, so a commit's
         # statements and its COMMIT run in one call on the writer's thread (_commit_or_roll_back).
         writer = await aiosqlite.connect(path, isolation_level="DEFERRED")
@@ -944,11 +1102,14 @@ class SQLiteStore(Store):
         version = None
         with contextlib.suppress(sqlite3.OperationalError):  # no settings table: a new file
             rows = await writer.execute_fetchall("SELECT value FROM settings WHERE name = 'schema_version'")
-            version = rows[0][0] if rows else 1
+            version = int(rows[0][0]) if rows else 1
         _refuse_newer_schema(version)
         if version == 1:
             for table, column in (("jobs", "owner"), ("deliveries", "owner"), ("attempts", "response")):
                 await writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        if version is not None and version < 3:
+            for statement in UPGRADE_TO_3:
+                await writer.execute(statement)
         await writer.executescript(SCHEMA.format(real="REAL", bytes="BLOB", without_rowid=" WITHOUT ROWID",
                                                  owner_indexes=""))
         await writer.execute("INSERT OR REPLACE INTO settings (name, value) VALUES ('schema_version', ?)",
@@ -1084,11 +1245,13 @@ def _commit_or_roll_back(work: Callable[[sqlite3.Connection], Any], connection: 
     return result
 
 
-def _lock_file(path: str) -> int:
+def _lock_file(path: str, exclusive: bool) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     # The file holds the generated secret; SQLite gives its -wal and -shm files the same mode.
     with contextlib.suppress(OSError):
         os.fchmod(fd, 0o600)
+    if not exclusive:
+        return fd
     try:
         import fcntl
     except ImportError:  # Windows: no flock, and no guard against a second instance
@@ -1137,7 +1300,7 @@ class PostgresStore(Store):
         super().__init__(loops)
 
     @classmethod
-    async def open(cls, dsn: str, loops: Loops, timeout: float) -> PostgresStore:
+    async def open(cls, dsn: str, loops: Loops, timeout: float, instance: bool = True) -> PostgresStore:
         """Connect, create or upgrade the schema under an advisory lock, and join as an instance."""
         # No floor of open connections (min_size 0): asyncpg would reconnect it in the background
         # while the database is away, logging a traceback at every try. The heartbeat reconnects,
@@ -1147,7 +1310,8 @@ class PostgresStore(Store):
         try:
             await cls._create_schema(pool, dsn, timeout)
             store = cls(pool, dsn, timeout, loops)
-            await store.rejoin()
+            if instance:
+                await store.rejoin()
         except BaseException:
             await pool.close()
             raise
@@ -1162,10 +1326,15 @@ class PostgresStore(Store):
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", cls.SCHEMA_LOCK)
+                version = await conn.fetchval(
+                    "SELECT value FROM settings WHERE name = 'schema_version'"
+                ) if await conn.fetchval("SELECT to_regclass('settings') IS NOT NULL") else None
+                _refuse_newer_schema(version)
+                if version is not None and int(version) < 3:
+                    for statement in UPGRADE_TO_3:
+                        await conn.execute(statement)
                 await conn.execute(SCHEMA.format(real="DOUBLE PRECISION", bytes="BYTEA", without_rowid="",
                                                  owner_indexes=POSTGRES_OWNER_INDEXES))
-                _refuse_newer_schema(await conn.fetchval(
-                    "SELECT value FROM settings WHERE name = 'schema_version'"))
                 await conn.execute(
                     "INSERT INTO settings (name, value) VALUES ('schema_version', $1)"
                     " ON CONFLICT (name) DO UPDATE SET value = excluded.value", str(SCHEMA_VERSION))
@@ -1365,23 +1534,26 @@ def generate_secret() -> str:
 
 
 class Signer:
-    """Signs webhook bodies with every current secret."""
+    """Signs webhook bodies with every current secret, each until its end (None: no end)."""
 
-    def __init__(self, secrets_: Iterable[str]) -> None:
-        self._macs = [hmac.new(signing_key(s), digestmod=hashlib.sha256) for s in secrets_]
-        if not self._macs:
+    def __init__(self, secrets_: Iterable[str], ends: Iterable[float | None] = ()) -> None:
+        macs = [hmac.new(signing_key(s), digestmod=hashlib.sha256) for s in secrets_]
+        if not macs:
             raise ValueError("at least one secret is needed to sign")
+        self._keys = list(itertools.zip_longest(macs, ends))
+        self._ending = any(end is not None for _, end in self._keys)
 
     def headers(self, webhook_id: str, payload: bytes, attempt: int, timestamp: int) -> dict[str, str]:
         """The headers of one attempt: X-Signature with the first secret, webhook-signature with all."""
         signed = b"%s.%d.%s" % (webhook_id.encode(), timestamp, payload)
+        macs = [mac for mac, end in self._keys if not self._ending or end is None or end > timestamp]
         return {
             "Content-Type": "application/json",
-            "X-Signature": "sha256=" + self._digest(self._macs[0], payload).hex(),
+            "X-Signature": "sha256=" + self._digest(macs[0], payload).hex(),
             "webhook-id": webhook_id,
             "webhook-timestamp": str(timestamp),
             "webhook-signature": " ".join(
-                "v1," + base64.b64encode(self._digest(mac, signed)).decode() for mac in self._macs
+                "v1," + base64.b64encode(self._digest(mac, signed)).decode() for mac in macs
             ),
             "X-Webhook-Attempt": str(attempt),
         }
@@ -1416,6 +1588,154 @@ def verify_webhook_signature(keys: Iterable[bytes], body: bytes, headers: Any, n
     if any(hmac.compare_digest(o, e) for o in offered for e in expected):
         return None
     return "no webhook-signature entry matches"
+
+
+# ---------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------
+
+CLIENT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+KEY_PREFIX = "whk_"  # so that secret scanners can tell a leaked key
+
+
+def new_client_key() -> tuple[str, str, str]:
+    """(id, key, SHA-256 of the key, hex) of a new API key: 256 random bits, whk_ then base64url."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return "key_" + secrets.token_hex(6), key, key_hash(key)
+
+
+def key_hash(key: str) -> str:
+    """What the db keeps of a key. A slow hash buys nothing for 256 random bits."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class Clients:
+    """What this instance knows of the clients: whose each key is, who is disabled, and the signer
+    of each client's webhooks; requests never wait on the db for them.
+
+    Read from the db at start-up, after every change made through this instance, and every
+    REFRESH_SECONDS, so that a change made on another instance or from the command line is in
+    force here within that.
+    """
+
+    REFRESH_SECONDS = 2.0
+
+    def __init__(self, store: Store, operator_signer: Signer) -> None:
+        self._store = store
+        self._operator_signer = operator_signer
+        self._known = ClientKeys({}, {}, {})
+        self._signers: dict[str, Signer] = {}
+
+    @property
+    def exist(self) -> bool:
+        """Whether any client exists, so that every request needs a key."""
+        return bool(self._known.clients)
+
+    def client_of(self, key: str) -> str | None:
+        """The client a key belongs to, or None."""
+        # A dict keyed by the hash: the caller cannot steer which entries a lookup compares.
+        return self._known.keys.get(key_hash(key))
+
+    def is_disabled(self, client: str) -> bool:
+        """Whether a client is disabled (its keys get 403; its work is still delivered)."""
+        return self._known.clients.get(client, False)
+
+    def signer(self, client: str) -> Signer:
+        """The signer of a job's webhooks: its client's secrets, or the operator's for ''."""
+        return self._signers[client] if client else self._operator_signer
+
+    async def refresh(self) -> None:
+        """Read every client, key hash and secret again."""
+        known = await self._store.client_keys(time.time())
+        self._signers = {client: Signer([s for s, _ in entries], [end for _, end in entries])
+                         for client, entries in known.secrets.items()}
+        self._known = known
+
+    async def keep_fresh(self) -> None:
+        """Refresh every REFRESH_SECONDS, for as long as the service runs."""
+        while True:
+            await asyncio.sleep(self.REFRESH_SECONDS)
+            try:
+                await self.refresh()
+            except StoreUnavailable:
+                pass  # the heartbeat says so; what is known stays in force
+
+
+class ClientError(Exception):
+    """A change to a client that cannot be made: the HTTP status, and why in a user's words."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# The changes to clients, the same over HTTP and from the command line: each returns what it
+# shows, or raises ClientError.
+
+
+async def make_client(store: Store, name: Any) -> dict[str, Any]:
+    """A new client, with its first API key and its signing secret: the only time either is shown."""
+    if not isinstance(name, str) or not CLIENT_NAME.fullmatch(name):
+        raise ClientError(400, "a client's name is 1 to 64 of a-z 0-9 . _ -, starting with a letter or digit")
+    key_id, key, hashed = new_client_key()
+    secret, now = generate_secret(), time.time()
+    if not await store.add_client(name, key_id, hashed, secret, now):
+        raise ClientError(409, f"client {name} exists already")
+    return {"name": name, "created_at": iso_time(now), "api_key": {"id": key_id, "key": key}, "secret": secret}
+
+
+async def show_client(store: Store, name: str) -> dict[str, Any]:
+    """A client, its key ids and how many secrets sign its webhooks."""
+    found = await store.clients(name)
+    if not found:
+        raise ClientError(404, f"no client {name!r}")
+    return _client_view(found[0])
+
+
+async def list_clients(store: Store) -> dict[str, Any]:
+    """Every client, by name."""
+    return {"clients": [_client_view(client) for client in await store.clients()]}
+
+
+async def add_client_key(store: Store, name: str) -> dict[str, Any]:
+    """One more API key for a client, so that it can replace one without downtime."""
+    key_id, key, hashed = new_client_key()
+    if not await store.add_key(name, key_id, hashed, time.time()):
+        raise ClientError(404, f"no client {name!r}")
+    return {"id": key_id, "key": key}
+
+
+async def revoke_client_key(store: Store, name: str, key_id: str) -> dict[str, Any]:
+    """Refuse a client's key from now on."""
+    if not await store.revoke_key(name, key_id):
+        raise ClientError(404, f"client {name!r} has no key {key_id!r}")
+    return {"id": key_id, "revoked": True}
+
+
+async def rotate_client_secret(store: Store, name: str, overlap_hours: Any = 24) -> dict[str, Any]:
+    """A new signing secret for a client; its previous ones keep signing for `overlap_hours`."""
+    if isinstance(overlap_hours, bool) or not isinstance(overlap_hours, (int, float)) or not 0 <= overlap_hours <= 720:
+        raise ClientError(400, "overlap_hours must be a number of hours from 0 to 720")
+    secret, now = generate_secret(), time.time()
+    until = now + overlap_hours * 3600
+    if not await store.rotate_secret(name, secret, now, until):
+        raise ClientError(404, f"no client {name!r}")
+    return {"secret": secret, "previous_until": iso_time(until)}
+
+
+async def disable_client(store: Store, name: str, disabled: Any) -> dict[str, Any]:
+    """Refuse a client's keys (403), or accept them again; its accepted work is delivered either way."""
+    if not isinstance(disabled, bool):
+        raise ClientError(400, "disabled must be true or false")
+    if not await store.set_disabled(name, disabled):
+        raise ClientError(404, f"no client {name!r}")
+    return await show_client(store, name)
+
+
+def _client_view(client: ClientInfo) -> dict[str, Any]:
+    return {"name": client.name, "created_at": iso_time(client.created_at), "disabled": client.disabled,
+            "keys": [{"id": key_id, "created_at": iso_time(at)} for key_id, at in client.keys],
+            "secrets": client.secrets}
 
 
 # ---------------------------------------------------------------------------
@@ -1565,7 +1885,7 @@ OUTCOMES = ("success", "http_error", "timeout", "connection_error", "blocked")
 class Metrics:
     """What /metrics shows: gauges seeded from the db at start-up, counters since start-up."""
 
-    MAX_RECEIVER_LABELS = 100  # receivers beyond these are counted together as "other"
+    MAX_LABELS = 100  # receivers, and clients, beyond these are counted together as "other"
 
     def __init__(self, jobs_by_status: dict[str, int], dead_letter: int) -> None:
         self.jobs: Counter[str] = Counter({"processing": 0, "completed": 0, "failed": 0})
@@ -1578,13 +1898,26 @@ class Metrics:
         self.delivery_seconds = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                                            300.0, 1800.0, 3600.0, 21600.0, 86400.0))
         self._receivers: set[str] = set()
+        self.by_client: Counter[tuple[str, str]] = Counter()  # (client, accepted | shed | delivered)
+        self._clients: set[str] = set()
         self.shed = 0
         self.accepted = 0
 
-    def job_accepted(self) -> None:
+    def job_accepted(self, client: str) -> None:
         """Count a job committed as processing."""
         self.jobs["processing"] += 1
         self.accepted += 1
+        self.client_event(client, "accepted")
+
+    def job_shed(self, client: str) -> None:
+        """Count a job refused past a backlog (503, or 429 for a client's own)."""
+        self.shed += 1
+        self.client_event(client, "shed")
+
+    def client_event(self, client: str, event: str) -> None:
+        """Count a client's job accepted, shed or delivered; the operator's ('') are not a client's."""
+        if client:
+            self.by_client[_capped(self._clients, client, self.MAX_LABELS), event] += 1
 
     def job_finished(self, failed: bool) -> None:
         """Move a job from processing to completed or failed."""
@@ -1595,16 +1928,15 @@ class Metrics:
         """Count an attempt by outcome (one of OUTCOMES), duration and receiver host."""
         self.attempts[outcome] += 1
         self.attempt_seconds.observe(seconds)
-        if receiver not in self._receivers and len(self._receivers) < self.MAX_RECEIVER_LABELS:
-            self._receivers.add(receiver)
-        self.by_receiver[receiver if receiver in self._receivers else "other", outcome != "success"] += 1
+        self.by_receiver[_capped(self._receivers, receiver, self.MAX_LABELS), outcome != "success"] += 1
 
-    def delivery_finished(self, delivered: bool, since_submission: float) -> None:
+    def delivery_finished(self, delivered: bool, since_submission: float, client: str) -> None:
         """Count a round that ended, delivered or in the dead letter."""
         self.finished["delivered" if delivered else "failed"] += 1
         self.dead_letter += not delivered
         if delivered:
             self.delivery_seconds.observe(since_submission)
+            self.client_event(client, "delivered")
 
     def render(self, queue_depth: int, scheduled: int, in_flight: int) -> str:
         """The Prometheus text exposition format, version 0.0.4."""
@@ -1620,16 +1952,22 @@ class Metrics:
             "# TYPE webhookd_delivery_attempts_total counter",
             *(f'webhookd_delivery_attempts_total{{outcome="{o}"}} {self.attempts[o]}' for o in OUTCOMES),
             "# HELP webhookd_receiver_attempts_total Delivery attempts since start-up by receiver host"
-            f" (the first {self.MAX_RECEIVER_LABELS} seen; the rest as other) and result.",
+            f" (the first {self.MAX_LABELS} seen; the rest as other) and result.",
             "# TYPE webhookd_receiver_attempts_total counter",
             *(f'webhookd_receiver_attempts_total{{receiver="{_label(host)}",result="{"failed" if failed else "ok"}"}} {n}'
               for (host, failed), n in sorted(self.by_receiver.items())),
             "# HELP webhookd_deliveries_finished_total Rounds of attempts since start-up that ended, by outcome.",
             "# TYPE webhookd_deliveries_finished_total counter",
             *(f'webhookd_deliveries_finished_total{{outcome="{o}"}} {n}' for o, n in sorted(self.finished.items())),
-            "# HELP webhookd_jobs_shed_total POST /predict answered 503 since start-up, past --max-backlog.",
+            "# HELP webhookd_jobs_shed_total POST /predict refused since start-up, past --max-backlog (503)"
+            " or a client's --client-backlog (429).",
             "# TYPE webhookd_jobs_shed_total counter",
             f"webhookd_jobs_shed_total {self.shed}",
+            "# HELP webhookd_client_jobs_total Each client's jobs since start-up: accepted, shed (429 or 503)"
+            f" and delivered (the first {self.MAX_LABELS} clients seen; the rest as other).",
+            "# TYPE webhookd_client_jobs_total counter",
+            *(f'webhookd_client_jobs_total{{client="{_label(client)}",event="{event}"}} {n}'
+              for (client, event), n in sorted(self.by_client.items())),
             "# HELP webhookd_dead_letter_deliveries Deliveries that failed for good.",
             "# TYPE webhookd_dead_letter_deliveries gauge",
             f"webhookd_dead_letter_deliveries {self.dead_letter}",
@@ -1674,6 +2012,13 @@ class Histogram:
             f"{name}_sum {self._sum:.6f}",
             f"{name}_count {self._count}",
         ]
+
+
+def _capped(seen: set[str], value: str, most: int) -> str:
+    """value as a label, among the first `most` seen; "other" after them, so a series stays bounded."""
+    if value not in seen and len(seen) < most:
+        seen.add(value)
+    return value if value in seen else "other"
 
 
 def _label(value: str) -> str:
@@ -1938,14 +2283,14 @@ class DeliveryEngine:
     REMEMBERED_RECEIVERS = 10_000
 
     def __init__(
-        self, config: Config, store: Store, signer: Signer, session: aiohttp.ClientSession, metrics: Metrics,
+        self, config: Config, store: Store, clients: Clients, session: aiohttp.ClientSession, metrics: Metrics,
         loops: Loops, fence: Fence,
     ) -> None:
         self._config = config
         self._loops = loops
         self._fence = fence
         self._store = store
-        self._signer = signer
+        self._clients = clients
         self._session = session
         self._metrics = metrics
         self._per_receiver = max(1, config.max_in_flight // 4)
@@ -1954,6 +2299,7 @@ class DeliveryEngine:
         self._timer_wake = asyncio.Event()
         self._active: set[str] = set()  # job ids with a round under way
         self._queues: dict[str, deque[Delivery]] = {}
+        self._due_by_client: Counter[str] = Counter()
         self._busy: Counter[str] = Counter()
         self._ready: OrderedDict[str, None] = OrderedDict()  # receivers with work and a free slot
         self._limits: OrderedDict[str, float] = OrderedDict()  # receivers' own limits, oldest first
@@ -1978,6 +2324,10 @@ class DeliveryEngine:
         """Attempts due and waiting for a slot."""
         return sum(map(len, self._queues.values()))
 
+    def held(self, client: str) -> int:
+        """A client's attempts due and waiting for a slot."""
+        return self._due_by_client[client]
+
     def start(self) -> None:
         """Start the timer that sends retries when they are due."""
         self._loops.start("timer", self._fire_timers)
@@ -2000,6 +2350,7 @@ class DeliveryEngine:
         """Drop every delivery waiting here: another instance has taken them over."""
         self._timers.clear()
         self._queues.clear()
+        self._due_by_client.clear()
         self._ready.clear()
         self._active.clear()
 
@@ -2020,6 +2371,7 @@ class DeliveryEngine:
         self._active.add(delivery.job_id)
         receiver = _target_or_invalid(delivery.url).receiver
         self._queues.setdefault(receiver, deque()).append(delivery)
+        self._due_by_client[delivery.client] += 1
         self._mark_ready(receiver)
         self._start_attempts()
 
@@ -2063,7 +2415,7 @@ class DeliveryEngine:
         self._active.difference_update(set(job_ids) - found)
         return [
             Delivery(row[0], row[1], row[2], row[3], row[4],
-                     self._config.retry.overridden(_json_or_none(row[5])), row[6])
+                     self._config.retry.overridden(_json_or_none(row[5])), row[6], row[7])
             for row in rows
         ]
 
@@ -2087,6 +2439,7 @@ class DeliveryEngine:
             if not self._has_room(receiver):  # the slow receivers' share filled up meanwhile
                 continue
             delivery = self._queues[receiver].popleft()
+            self._due_by_client[delivery.client] -= 1
             slow = receiver not in self._fast
             self._busy[receiver] += 1
             self._slow_in_flight += slow
@@ -2137,7 +2490,7 @@ class DeliveryEngine:
         await self._record_attempt(delivery, number, started, seconds, outcome, status, next_attempt_at)
         self._metrics.attempt_made(outcome.label, seconds, _target_or_invalid(delivery.url).host)
         if next_attempt_at is None:
-            self._metrics.delivery_finished(outcome.success, time.time() - delivery.created_at)
+            self._metrics.delivery_finished(outcome.success, time.time() - delivery.created_at, delivery.client)
         _log_attempt(delivery, number, outcome, seconds, next_attempt_at)
         if owner != self._store.instance:
             return  # taken over while in flight: its new owner goes on with it
@@ -2199,7 +2552,7 @@ class DeliveryEngine:
             reason = blocked_host(target.host)
             if reason:
                 return Outcome(None, f"blocked: {reason}", final=True)
-        headers = self._signer.headers(delivery.job_id, delivery.payload, number, timestamp)
+        headers = self._clients.signer(delivery.client).headers(delivery.job_id, delivery.payload, number, timestamp)
         try:
             async with self._session.post(
                 target.url, data=delivery.payload, headers=headers, allow_redirects=False
@@ -2313,10 +2666,11 @@ def _log_attempt(delivery: Delivery, number: int, outcome: Outcome, seconds: flo
     kind = "redelivery attempt" if delivery.round_start else "attempt"
     url = loggable_url(delivery.url)
     answer = outcome.status_code if outcome.success else outcome.error
-    fields = {"job_id": delivery.job_id, "attempt": number, "redelivery": delivery.round_start > 0, "url": url,
-              "status_code": outcome.status_code, "error": outcome.error, "duration_ms": round(seconds * 1000, 1),
-              "next_attempt_at": iso_time(next_at)}
-    log.log(level, "%s %s #%d %s -> %s in %.1f ms; %s", kind, delivery.job_id, number, url, answer,
+    fields = {"job_id": delivery.job_id, "client": delivery.client or None, "attempt": number,
+              "redelivery": delivery.round_start > 0, "url": url, "status_code": outcome.status_code,
+              "error": outcome.error, "duration_ms": round(seconds * 1000, 1), "next_attempt_at": iso_time(next_at)}
+    whose = f" of client {delivery.client}" if delivery.client else ""
+    log.log(level, "%s %s%s #%d %s -> %s in %.1f ms; %s", kind, delivery.job_id, whose, number, url, answer,
             seconds * 1000, then, extra={"fields": fields})
 
 
@@ -2332,6 +2686,62 @@ def loggable_url(url: str) -> str:
 # ---------------------------------------------------------------------------
 # Workers
 # ---------------------------------------------------------------------------
+
+
+class FairQueue:
+    """Jobs waiting for inference, a line per client (the operator's is ''), taken from the
+    clients in turn: a burst of one client's jobs delays another client's next job by about one
+    batch, not by the whole burst."""
+
+    def __init__(self) -> None:
+        self._lines: OrderedDict[str, deque[Job]] = OrderedDict()  # the next turn first
+        self._size = 0
+        self._arrived = asyncio.Event()
+
+    def qsize(self) -> int:
+        """Jobs waiting, of every client."""
+        return self._size
+
+    def empty(self) -> bool:
+        """Whether no job waits."""
+        return not self._size
+
+    def held(self, client: str) -> int:
+        """A client's jobs waiting."""
+        line = self._lines.get(client)
+        return len(line) if line else 0
+
+    def put_nowait(self, job: Job) -> None:
+        """Queue a job at the end of its client's line."""
+        line = self._lines.get(job.client)
+        if line is None:
+            line = self._lines[job.client] = deque()
+        line.append(job)
+        self._size += 1
+        self._arrived.set()
+
+    def get_nowait(self) -> Job:
+        """The next job of the client whose turn it is; its line then goes to the back."""
+        client, line = next(iter(self._lines.items()))
+        job = line.popleft()
+        self._size -= 1
+        if line:
+            self._lines.move_to_end(client)
+        else:
+            del self._lines[client]
+        return job
+
+    async def get(self) -> Job:
+        """The next job, once there is one."""
+        while not self._size:
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self.get_nowait()
+
+    def clear(self) -> None:
+        """Drop every job waiting."""
+        self._lines.clear()
+        self._size = 0
 
 
 RESUME_PAGE = 500  # taken-over jobs read from the db at a time
@@ -2353,7 +2763,7 @@ class InferenceWorkers:
         self, config: Config, store: Store, engine: DeliveryEngine, model: Model, metrics: Metrics,
         loops: Loops,
     ) -> None:
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.queue = FairQueue()
         self._config = config
         self._loops = loops
         self._store = store
@@ -2389,8 +2799,7 @@ class InferenceWorkers:
     def forget(self) -> None:
         """Drop every queued job: another instance has taken them over."""
         self._to_resume.clear()
-        while not self.queue.empty():
-            self.queue.get_nowait()
+        self.queue.clear()
 
     async def stop(self) -> None:
         """Stop the workers; jobs not finished stay `processing` in the db and run next start."""
@@ -2482,7 +2891,7 @@ class InferenceWorkers:
             finished.append((job, result and json.dumps(result), error, payload))
             if payload is not None:
                 policy = self._config.retry.overridden(job.retry_policy)
-                deliveries.append(Delivery(job.id, job.webhook_url, payload, 0, 0, policy, job.created_at))
+                deliveries.append(Delivery(job.id, job.webhook_url, payload, 0, 0, policy, job.created_at, job.client))
         await self._store.record_results(finished, now)
         for outcome in outcomes:
             self._metrics.job_finished(failed=isinstance(outcome, Exception))
@@ -2574,9 +2983,10 @@ WORKERS = web.AppKey("workers", InferenceWorkers)
 METRICS = web.AppKey("metrics", Metrics)
 LOOPS = web.AppKey("loops", Loops)
 FENCE = web.AppKey("fence", Fence)
-REQUESTS_BY_CLIENT = web.AppKey("requests_by_client", Counter[str])
-SIGNER = web.AppKey("signer", Signer)
-IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict[str, asyncio.Future[None]])
+REQUESTS_BY_ADDRESS = web.AppKey("requests_by_address", Counter[str])
+CLIENTS = web.AppKey("clients", Clients)
+IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict[tuple[str, str], asyncio.Future[None]])
+CALLER = web.RequestKey("caller", Caller)  # who is asking: set by the admission middleware
 
 # Open without --api-key: the health check, the API description and the page (which asks for the key).
 OPEN_PATHS = ("/healthz", "/openapi.json", "/", "/ui")
@@ -2585,11 +2995,12 @@ OPEN_PATHS = ("/healthz", "/openapi.json", "/", "/ui")
 async def predict(request: web.Request) -> web.Response:
     """POST /predict: accept a job, commit it, queue it; 202 with its id."""
     config = request.app[CONFIG]
+    caller = request[CALLER]
     _require_json_content_type(request)
     body = await _read_body(request)
-    _shed_past_the_backlog(request.app)
+    _shed_past_the_backlog(request.app, caller)
     fields = parse_json_object(body)
-    job = job_from_fields(fields, config.allow_private_urls)
+    job = job_from_fields(fields, config.allow_private_urls, caller.owner)
     key = _idempotency_key(request)
     if key is None:
         await _add_job(request.app, job)
@@ -2602,7 +3013,7 @@ async def predict(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     """GET /jobs/{job_id}: the job, its status and result."""
     job_id = _job_id(request)
-    row = await request.app[STORE].job(job_id)
+    row = await request.app[STORE].job(request[CALLER], job_id)
     if row is None:
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
     return web.json_response({
@@ -2613,17 +3024,19 @@ async def get_job(request: web.Request) -> web.Response:
         "created_at": iso_time(row[3]),
         "completed_at": iso_time(row[4]),
         "webhook_url": row[5],
+        "client": row[6] or None,
     })
 
 
 async def webhook_status(request: web.Request) -> web.Response:
     """GET /webhooks/{job_id}/status: the delivery's status and every attempt."""
     job_id = _job_id(request)
-    store = request.app[STORE]
-    webhook = await _find_webhook(store, job_id)
-    attempts = await store.attempts(job_id)
+    store, caller = request.app[STORE], request[CALLER]
+    webhook = await _find_webhook(store, caller, job_id)
+    attempts = await store.attempts(caller, job_id)
     return web.json_response({
         "job_id": job_id,
+        "client": webhook.client or None,
         "webhook_url": webhook.url,
         "delivery_status": webhook.status,
         "next_attempt_at": iso_time(webhook.next_attempt_at),
@@ -2645,7 +3058,7 @@ async def webhook_status(request: web.Request) -> web.Response:
 async def dead_letter(request: web.Request) -> web.Response:
     """GET /webhooks/dead-letter: deliveries that failed for good, newest first."""
     limit = _limit(request.query.get("limit", "100"))
-    rows = await request.app[STORE].dead_letter(limit)
+    rows = await request.app[STORE].dead_letter(request[CALLER], limit)
     return web.json_response({
         "deliveries": [
             {"job_id": job_id, "webhook_url": url, "attempts": attempts,
@@ -2658,15 +3071,15 @@ async def dead_letter(request: web.Request) -> web.Response:
 async def redeliver(request: web.Request) -> web.Response:
     """POST /webhooks/{job_id}/redeliver: a new round of attempts, same body and webhook-id."""
     job_id = _job_id(request)
-    app = request.app
-    webhook = await _find_webhook(app[STORE], job_id)
+    app, caller = request.app, request[CALLER]
+    webhook = await _find_webhook(app[STORE], caller, job_id)
     engine = app[ENGINE]
     if engine.is_active(job_id) or webhook.status in ("pending", "retrying"):
         raise web.HTTPConflict(text=f"job {job_id} still has a round of attempts under way ({webhook.status})")
     engine.claim(job_id)
     now = time.time()
     try:
-        started = await app[STORE].start_round(job_id, now)
+        started = await app[STORE].start_round(caller, job_id, now)
     except BaseException:
         engine.release(job_id)
         raise
@@ -2690,17 +3103,27 @@ async def list_jobs(request: web.Request) -> web.Response:
     query = request.query
     limit = _limit(query.get("limit", "50"))
     rows = await request.app[STORE].list_jobs(
+        _list_scope(request[CALLER], query.get("client")),
         _choices(query, "status", JOB_STATUSES), _choices(query, "delivery_status", DELIVERY_STATUSES),
         _prefix(query.get("q")), _cursor(query.get("before")), limit,
     )
     jobs = [
         {"job_id": job_id, "status": status, "created_at": iso_time(created), "completed_at": iso_time(completed),
          "webhook_url": url, "delivery_status": delivery, "attempts": attempts, "last_error": error,
-         "next_attempt_at": iso_time(next_at)}
-        for job_id, status, created, completed, url, delivery, attempts, error, next_at in rows
+         "next_attempt_at": iso_time(next_at), "client": client or None}
+        for job_id, status, created, completed, url, delivery, attempts, error, next_at, client in rows
     ]
     more = len(rows) == limit
     return web.json_response({"jobs": jobs, "next": _encode_cursor(jobs[-1]["job_id"]) if more else None})
+
+
+def _list_scope(caller: Caller, client: str | None) -> Caller:
+    """Whose jobs a list shows: the caller's, or for the operator, one client's (?client=)."""
+    if client is None:
+        return caller
+    if caller.client is not None:
+        raise web.HTTPBadRequest(text="client is the operator's filter: a client's key lists its own jobs only")
+    return Caller(client, caller.operator)
 
 
 def _choices(query: Any, name: str, allowed: tuple[str, ...]) -> list[str]:
@@ -2742,11 +3165,12 @@ async def redeliver_failed(request: web.Request) -> web.Response:
     app = request.app
     _require_json_content_type(request)
     since, until, dry_run = _redelivery_window(parse_json_object(await _read_body(request)))
-    store = app[STORE]
+    store, caller = app[STORE], request[CALLER]
     if dry_run:
-        return web.json_response({"would_redeliver": await store.failed_between(since, until, MAX_BULK_REDELIVERY)})
+        return web.json_response(
+            {"would_redeliver": await store.failed_between(caller, since, until, MAX_BULK_REDELIVERY)})
     now = time.time()
-    job_ids = await store.start_rounds(since, until, MAX_BULK_REDELIVERY, now)
+    job_ids = await store.start_rounds(caller, since, until, MAX_BULK_REDELIVERY, now)
     app[METRICS].dead_letter -= len(job_ids)
     log.info("bulk redelivery of %d deliveries that failed from %s to %s asked for: new rounds start",
              len(job_ids), iso_time(since), iso_time(until), extra={"fields": {"redelivery": "bulk"}})
@@ -2806,11 +3230,97 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format."""
+    _require_operator_view(request)
     app = request.app
     engine = app[ENGINE]
     text = app[METRICS].render(app[WORKERS].depth, engine.scheduled, engine.in_flight)
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
+
+
+# ---------------------------------------------------------------------------
+# HTTP: clients
+# ---------------------------------------------------------------------------
+
+
+async def post_client(request: web.Request) -> web.Response:
+    """POST /clients: a new client; its API key and signing secret are in this answer only."""
+    _require_operator(request)
+    fields = await _json_fields(request, ("name",))
+    return await _changed(request, make_client(request.app[STORE], fields.get("name")), 201)
+
+
+async def get_clients(request: web.Request) -> web.Response:
+    """GET /clients: every client, never a key or a secret."""
+    _require_operator(request)
+    return web.json_response(await list_clients(request.app[STORE]))
+
+
+async def get_client(request: web.Request) -> web.Response:
+    """GET /clients/{name}: one client."""
+    return web.json_response(await show_client(request.app[STORE], _client_named(request, self_service=True)))
+
+
+async def patch_client(request: web.Request) -> web.Response:
+    """PATCH /clients/{name}: disable or enable a client."""
+    name = _client_named(request, self_service=False)
+    fields = await _json_fields(request, ("disabled",))
+    return await _changed(request, disable_client(request.app[STORE], name, fields.get("disabled")), 200)
+
+
+async def post_client_key(request: web.Request) -> web.Response:
+    """POST /clients/{name}/keys: one more API key, shown in this answer only."""
+    name = _client_named(request, self_service=True)
+    return await _changed(request, add_client_key(request.app[STORE], name), 201)
+
+
+async def delete_client_key(request: web.Request) -> web.Response:
+    """DELETE /clients/{name}/keys/{key_id}: the key is refused from now on."""
+    name = _client_named(request, self_service=True)
+    await _changed(request, revoke_client_key(request.app[STORE], name, request.match_info["key_id"]), 204)
+    return web.Response(status=204)
+
+
+async def post_client_secret(request: web.Request) -> web.Response:
+    """POST /clients/{name}/secrets: a new signing secret; the previous ones sign on for overlap_hours."""
+    name = _client_named(request, self_service=True)
+    fields = await _json_fields(request, ("overlap_hours",))
+    return await _changed(request, rotate_client_secret(request.app[STORE], name, fields.get("overlap_hours", 24)), 201)
+
+
+def _require_operator(request: web.Request) -> None:
+    if not request[CALLER].operator:
+        raise web.HTTPForbidden(text="managing clients takes the operator's key (--api-key),"
+                                     " or the command line: python webhookd.py clients --help")
+
+
+def _client_named(request: web.Request, self_service: bool) -> str:
+    """The client in the path, if the caller may manage it: the operator any, a client itself
+    (only for what it may do itself); another client's name answers as an unknown one."""
+    name, caller = request.match_info["name"], request[CALLER]
+    if caller.client is not None and caller.client != name:
+        raise web.HTTPNotFound(text=f"no client {name!r}")
+    if caller.client is None or not self_service:
+        _require_operator(request)
+    return name
+
+
+async def _json_fields(request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON object body (an empty body is {}) with only the allowed fields."""
+    _require_json_content_type(request)
+    body = await _read_body(request)
+    fields = parse_json_object(body) if body.strip() else {}
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise web.HTTPBadRequest(text=f"unknown field {unknown[0]!r}; allowed fields: {', '.join(allowed)}")
+    return fields
+
+
+async def _changed(request: web.Request, change: Awaitable[dict[str, Any]], status: int) -> web.Response:
+    """Make a change to the clients, and put it in force on this instance at once."""
+    shown = await change
+    await request.app[CLIENTS].refresh()
+    return web.json_response(shown, status=status)
 
 
 # ---------------------------------------------------------------------------
@@ -2828,7 +3338,11 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
             raise
         headers = {h: exc.headers[h] for h in ("Allow", "WWW-Authenticate", "Retry-After") if h in exc.headers}
         return web.json_response({"error": _error_message(request, exc)}, status=exc.status, headers=headers)
-    except (StoreUnavailable, Busy) as exc:
+    except Busy as exc:
+        return web.json_response({"error": f"{exc}; try again later"}, status=exc.status, headers={"Retry-After": "1"})
+    except ClientError as exc:
+        return web.json_response({"error": str(exc)}, status=exc.status)
+    except StoreUnavailable as exc:
         return web.json_response({"error": f"{exc}; try again later"}, status=503, headers={"Retry-After": "1"})
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
@@ -2858,7 +3372,7 @@ def _json_protocol_errors(handle_error: Callable[..., web.StreamResponse]) -> Ca
 web_protocol.RequestHandler.handle_error = _json_protocol_errors(web_protocol.RequestHandler.handle_error)  # type: ignore[method-assign]
 
 
-MAX_REQUESTS_PER_CLIENT = 256  # at once, from one address: room for a load balancer's connections
+MAX_REQUESTS_PER_ADDRESS = 256  # at once, from one address: room for a load balancer's connections
 # Keyword arguments of aiohttp's request handler, given to run_app itself (its handler_args
 # would reach the handler as one unknown keyword, and aiohttp then drops every option).
 # Answered before its body was read (a 408, 413 or 415), a connection is closed at once: aiohttp
@@ -2869,30 +3383,28 @@ SERVER_OPTIONS: dict[str, Any] = {"lingering_time": 0, "keepalive_timeout": 75.0
 
 @web.middleware
 async def admit(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Who may make a request: a client within its share, a browser only for this site's own
-    page, and with --api-key, a caller with the key. One middleware, not three, because each
-    layer costs every request a coroutine."""
-    counts = request.app[REQUESTS_BY_CLIENT]
-    client = request.remote or ""
-    _limit_per_client(counts[client], client)
+    """Who may make a request: an address within its share, a browser only for this site's own
+    page, and a caller with a key once there are keys; the caller is decided here, once. One
+    middleware, not three, because each layer costs every request a coroutine."""
+    counts = request.app[REQUESTS_BY_ADDRESS]
+    address = request.remote or ""
+    _limit_per_address(counts[address], address)
     _refuse_cross_site_writes(request)
-    api_key = request.app[CONFIG].api_key
-    if api_key:
-        _require_api_key(request, api_key)
-    counts[client] += 1
+    request[CALLER] = _caller(request)
+    counts[address] += 1
     try:
         return await handler(request)
     finally:
-        counts[client] -= 1
-        if not counts[client]:
-            del counts[client]
+        counts[address] -= 1
+        if not counts[address]:
+            del counts[address]
 
 
-def _limit_per_client(requests: int, client: str) -> None:
-    # One client holding many slow connections must not take every file descriptor from the others.
-    if requests >= MAX_REQUESTS_PER_CLIENT:
+def _limit_per_address(requests: int, address: str) -> None:
+    # One address holding many slow connections must not take every file descriptor from the others.
+    if requests >= MAX_REQUESTS_PER_ADDRESS:
         raise web.HTTPTooManyRequests(
-            text=f"more than {MAX_REQUESTS_PER_CLIENT} requests at once from {client}; wait for some to finish",
+            text=f"more than {MAX_REQUESTS_PER_ADDRESS} requests at once from {address}; wait for some to finish",
             headers={"Retry-After": "1"},
         )
 
@@ -2923,18 +3435,33 @@ def _browser_origin(request: web.Request) -> str:
     return f"{scheme}://{host}"
 
 
-def _require_api_key(request: web.Request, api_key: str) -> None:
-    if request.path in OPEN_PATHS:
-        return
+def _caller(request: web.Request) -> Caller:
+    """Who is asking: the operator (--api-key), a client (one of its keys), or anyone, while
+    neither --api-key nor a client exists; 401 for a missing or unknown key, 403 for a disabled client."""
+    api_key, clients = request.app[CONFIG].api_key, request.app[CLIENTS]
+    if request.path in OPEN_PATHS or not (api_key or clients.exist):
+        return ANYONE
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    offered = token.strip() if scheme.lower() == "bearer" else ""
     # aiohttp decodes header bytes that are not UTF-8 as surrogates; encode them back the same way.
-    offered = token.strip().encode("utf-8", "surrogateescape")
-    expected = api_key.encode("utf-8", "surrogateescape")
-    if not (scheme.lower() == "bearer" and hmac.compare_digest(offered, expected)):
+    if api_key and hmac.compare_digest(offered.encode("utf-8", "surrogateescape"),
+                                       api_key.encode("utf-8", "surrogateescape")):
+        return OPERATOR
+    client = clients.client_of(offered) if offered else None
+    if client is None:
         raise web.HTTPUnauthorized(
             text="missing or wrong API key: send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": 'Bearer realm="webhookd"'},
         )
+    if clients.is_disabled(client):
+        raise web.HTTPForbidden(text=f"client {client} is disabled; its operator can enable it")
+    return Caller(client)
+
+
+def _require_operator_view(request: web.Request) -> None:
+    # Counters of the whole service: every client's traffic.
+    if request[CALLER].client is not None:
+        raise web.HTTPForbidden(text=f"{request.path} is the operator's: it counts every client's jobs")
 
 
 # ---------------------------------------------------------------------------
@@ -2957,8 +3484,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return fields
 
 
-def job_from_fields(fields: dict[str, Any], allow_private_urls: bool) -> Job:
-    """A new job from a validated POST /predict body; a 400 naming the field otherwise."""
+def job_from_fields(fields: dict[str, Any], allow_private_urls: bool, client: str = "") -> Job:
+    """A new job of `client` from a validated POST /predict body; a 400 naming the field otherwise."""
     unknown = sorted(set(fields) - set(JOB_FIELDS))
     if unknown:
         raise web.HTTPBadRequest(
@@ -2970,6 +3497,7 @@ def job_from_fields(fields: dict[str, Any], allow_private_urls: bool) -> Job:
         webhook_url=_webhook_url(fields.get("webhook_url"), allow_private_urls),
         retry_policy=_retry_policy(fields.get("retry_policy")),
         created_at=time.time(),
+        client=client,
     )
 
 
@@ -3054,19 +3582,31 @@ async def _read_body(request: web.Request) -> bytes:
         raise web.HTTPBadRequest(text="body could not be read: bad length or chunking") from None
 
 
-def _shed_past_the_backlog(app: web.Application) -> None:
+def _shed_past_the_backlog(app: web.Application, caller: Caller) -> None:
     # Accepted jobs keep a delay to their webhook of about --max-backlog / jobs per second. The
     # body is read first all the same: answered with its body unread, a keep-alive connection
     # is closed, and a client that connects again costs more than the body did.
-    backlog = app[WORKERS].depth + app[ENGINE].due
-    if backlog >= app[CONFIG].max_backlog:
-        app[METRICS].shed += 1
+    workers, engine, config = app[WORKERS], app[ENGINE], app[CONFIG]
+    backlog = workers.depth + engine.due
+    if backlog >= config.max_backlog:
+        app[METRICS].job_shed(caller.owner)
         raise Busy(f"busy: {backlog} jobs and deliveries are waiting (--max-backlog)")
+    if caller.client is None:
+        return
+    held = workers.queue.held(caller.client) + engine.held(caller.client)
+    if held >= config.client_limit:
+        app[METRICS].job_shed(caller.owner)
+        raise Busy(f"client {caller.client} has {held} jobs and deliveries waiting (--client-backlog);"
+                   " other clients are still served", status=429)
 
 
 class Busy(Exception):
-    """Past --max-backlog: a 503. Not an HTTPException, which builds a response only for
-    json_errors to replace it, at a cost every shed request would pay."""
+    """Past --max-backlog (503), or a client past --client-backlog (429). Not an HTTPException,
+    which builds a response only for json_errors to replace it, at a cost every shed request would pay."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _require_json_content_type(request: web.Request) -> None:
@@ -3117,30 +3657,30 @@ async def _add_job(app: web.Application, job: Job) -> None:
 
 
 def _queue(app: web.Application, job: Job) -> None:
-    app[METRICS].job_accepted()
+    app[METRICS].job_accepted(job.client)
     app[WORKERS].queue.put_nowait(job)
 
 
 async def _add_job_once(app: web.Application, job: Job, key: str, request_hash: str) -> tuple[str, bool, bool]:
     """The job an Idempotency-Key stands for, made now or before: (job id, webhook registered, replayed)."""
-    in_progress = app[IDEMPOTENCY_IN_PROGRESS]
-    while key in in_progress:
+    in_progress, whose = app[IDEMPOTENCY_IN_PROGRESS], (job.client, key)
+    while whose in in_progress:
         # Two requests with the same new key: the second waits for the first's answer.
-        await asyncio.shield(in_progress[key])
+        await asyncio.shield(in_progress[whose])
     first = asyncio.get_running_loop().create_future()
-    in_progress[key] = first
+    in_progress[whose] = first
     store = app[STORE]
     try:
-        row = await store.job_with_key(key)
+        row = await store.job_with_key(job.client, key)
         if row is None:
             await store.add_job(job, key, request_hash)
             # Ours, or that of another instance which the same key reached a moment before.
-            row = await store.job_with_key(key)
+            row = await store.job_with_key(job.client, key)
             if row is None or row[0] == job.id:
                 _queue(app, job)
                 return job.id, job.webhook_url is not None, False
     finally:
-        del in_progress[key]
+        del in_progress[whose]
         first.set_result(None)
     if row[2] != request_hash:
         raise web.HTTPUnprocessableEntity(
@@ -3168,16 +3708,17 @@ class Webhook(NamedTuple):
     url: str
     status: str  # pending (the job may still be running), retrying, delivered or failed
     next_attempt_at: float | None
+    client: str
 
 
-async def _find_webhook(store: Store, job_id: str) -> Webhook:
-    """A job's webhook; 404 if there is no such job or it has no webhook_url."""
-    row = await store.webhook(job_id)
+async def _find_webhook(store: Store, caller: Caller, job_id: str) -> Webhook:
+    """A job's webhook; 404 if the caller has no such job or it has no webhook_url."""
+    row = await store.webhook(caller, job_id)
     if row is None:
         raise web.HTTPNotFound(text=f"no job {job_id!r}")
     if row[0] is None:
         raise web.HTTPNotFound(text=f"job {job_id!r} has no webhook_url")
-    return Webhook(row[0], row[1] or "pending", row[2])
+    return Webhook(row[0], row[1] or "pending", row[2], row[3])
 
 
 def _limit(value: str) -> int:
@@ -3538,6 +4079,7 @@ async def page(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     """GET /stats: the counters the page charts, since start-up."""
+    _require_operator_view(request)
     app = request.app
     metrics = app[METRICS]
     return web.json_response({
@@ -3550,13 +4092,14 @@ async def stats(request: web.Request) -> web.Response:
 async def request_sent(request: web.Request) -> web.Response:
     """GET /webhooks/{job_id}/request: the body every attempt sent, and each attempt's headers."""
     job_id = _job_id(request)
-    store = request.app[STORE]
-    payload = await store.payload(job_id)
-    if payload is None:
+    store, caller = request.app[STORE], request[CALLER]
+    found = await store.payload(caller, job_id)
+    if found is None:
         raise web.HTTPNotFound(text=f"job {job_id!r} has no delivery yet")
-    signer = request.app[SIGNER]
+    payload, client = found
+    signer = request.app[CLIENTS].signer(client)
     attempts = [{"attempt": number, "headers": {"User-Agent": USER_AGENT, **signer.headers(job_id, payload, number, int(at))}}
-                for number, at, *_ in await store.attempts(job_id)]
+                for number, at, *_ in await store.attempts(caller, job_id)]
     return web.json_response({"job_id": job_id, "body": payload.decode("utf-8", "replace"), "attempts": attempts})
 
 
@@ -3574,11 +4117,12 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    words = {400: "a bad request: the error says what to fix", 401: "missing or wrong API key", 403: "sent for another site's page",
-             404: "no such job (or it has no webhook)", 408: "the body did not arrive within --timeout",
-             409: "a round of attempts is under way", 413: f"body over {MAX_BODY_BYTES // 1024} KiB",
+    words = {400: "a bad request: the error says what to fix", 401: "missing or wrong API key",
+             403: "not this key's to do (a disabled client, the operator's endpoints), or sent for another site's page",
+             404: "no such job (or it has no webhook), or no such client", 408: "the body did not arrive within --timeout",
+             409: "a round of attempts is under way, or the client's name is taken", 413: f"body over {MAX_BODY_BYTES // 1024} KiB",
              415: "not JSON, or a compressed body", 422: "the Idempotency-Key was used with another body",
-             429: "too many requests at once from this address",
+             429: "too many requests at once from this address, or a client past --client-backlog",
              503: "shedding load, or the database cannot be reached: try again after Retry-After"}
     return {str(code): _json(_ref("Error"), words[code]) for code in (*codes, 401, 429, 503)}
 
@@ -3586,15 +4130,18 @@ def _errors(*codes: int) -> dict[str, Any]:
 TIME = {"type": "string", "format": "date-time"}
 NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+CLIENT = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+OWNER = {"type": ["string", "null"], "description": "the client whose job it is; null for the operator's"}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "webhookd", "version": __version__,
              "description": "Runs a sentiment model on submitted text and tells the client by signed webhook."},
     "components": {
-        "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
-                                       "description": f"needed on every endpoint but {', '.join(OPEN_PATHS)}"
-                                                      " when webhookd runs with --api-key"}},
+        "securitySchemes": {"bearerAuth": {
+            "type": "http", "scheme": "bearer",
+            "description": f"the operator's --api-key, or a client's key (whk_...): needed on every endpoint but"
+                           f" {', '.join(OPEN_PATHS)} once webhookd runs with --api-key or any client exists"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
             "PredictRequest": {
@@ -3621,7 +4168,7 @@ OPENAPI: dict[str, Any] = {
                                                    "completed_at", "webhook_url"], "properties": {
                 "job_id": {"type": "string"}, "status": {"enum": list(JOB_STATUSES)},
                 "result": _ref("Result"), "error": {"type": ["string", "null"]}, "created_at": TIME,
-                "completed_at": NULLABLE_TIME, "webhook_url": {"type": ["string", "null"]}}},
+                "completed_at": NULLABLE_TIME, "webhook_url": {"type": ["string", "null"]}, "client": OWNER}},
             "JobList": {"type": "object", "required": ["jobs", "next"], "properties": {
                 "next": {"type": ["string", "null"]},
                 "jobs": {"type": "array", "items": {"type": "object", "properties": {
@@ -3629,7 +4176,7 @@ OPENAPI: dict[str, Any] = {
                     "created_at": TIME, "completed_at": NULLABLE_TIME, "webhook_url": {"type": ["string", "null"]},
                     "delivery_status": {"enum": [*DELIVERY_STATUSES, None]},
                     "attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]},
-                    "next_attempt_at": NULLABLE_TIME}}}}},
+                    "next_attempt_at": NULLABLE_TIME, "client": OWNER}}}}},
             "Attempt": {"type": "object", "required": ["attempt", "timestamp", "status_code", "success", "error",
                                                        "duration_ms"], "properties": {
                 "attempt": {"type": "integer", "minimum": 1}, "timestamp": TIME,
@@ -3640,7 +4187,7 @@ OPENAPI: dict[str, Any] = {
                     "body": {"type": "string"}, "truncated": {"type": "boolean"}}}}},
             "WebhookStatus": {"type": "object", "required": ["job_id", "webhook_url", "delivery_status",
                                                              "next_attempt_at", "attempts"], "properties": {
-                "job_id": {"type": "string"}, "webhook_url": {"type": "string"},
+                "job_id": {"type": "string"}, "webhook_url": {"type": "string"}, "client": OWNER,
                 "delivery_status": {"enum": list(DELIVERY_STATUSES)},
                 "next_attempt_at": NULLABLE_TIME, "attempts": {"type": "array", "items": _ref("Attempt")}}},
             "DeadLetter": {"type": "object", "required": ["deliveries"], "properties": {
@@ -3649,12 +4196,23 @@ OPENAPI: dict[str, Any] = {
                     "last_error": {"type": ["string", "null"]}, "failed_at": TIME}}}}},
             "BulkRedelivery": {"type": "object", "required": ["since"], "additionalProperties": False,
                                "properties": {"since": TIME, "until": NULLABLE_TIME, "dry_run": {"type": "boolean"}}},
+            "Client": {"type": "object", "required": ["name", "created_at", "disabled", "keys", "secrets"],
+                       "properties": {
+                "name": {"type": "string"}, "created_at": TIME, "disabled": {"type": "boolean"},
+                "keys": {"type": "array", "items": {"type": "object", "required": ["id", "created_at"],
+                                                    "properties": {"id": {"type": "string"}, "created_at": TIME}}},
+                "secrets": {"type": "integer", "description": "secrets that sign its webhooks now"}}},
+            "NewKey": {"type": "object", "required": ["id", "key"], "properties": {
+                "id": {"type": "string"}, "key": {"type": "string", "pattern": "^whk_[A-Za-z0-9_-]{43}$"}}},
+            "NewClient": {"type": "object", "required": ["name", "created_at", "api_key", "secret"], "properties": {
+                "name": {"type": "string"}, "created_at": TIME, "api_key": _ref("NewKey"),
+                "secret": {"type": "string", "pattern": "^whsec_"}}},
             "Health": {"type": "object", "required": ["status", "instance"], "properties": {
                 "status": {"const": "ok"}, "instance": {"type": "string"}, "version": {"type": "string"},
                 "queue_depth": {"type": "integer"}}},
         },
     },
-    "security": [{}, {"apiKey": []}],
+    "security": [{}, {"bearerAuth": []}],
     "paths": {
         "/predict": {"post": {
             "summary": "Submit a text; its result arrives by webhook",
@@ -3670,7 +4228,9 @@ OPENAPI: dict[str, Any] = {
                 {"name": "delivery_status", "in": "query", "schema": {"type": "string"}},
                 {"name": "q", "in": "query", "schema": {"type": "string"}, "description": "a job id or its start"},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                {"name": "before", "in": "query", "schema": {"type": "string"}, "description": "the last page's next"}],
+                {"name": "before", "in": "query", "schema": {"type": "string"}, "description": "the last page's next"},
+                {"name": "client", "in": "query", "schema": {"type": "string"},
+                 "description": "the operator's filter: one client's jobs (400 with a client's key)"}],
             "responses": {"200": _json(_ref("JobList"), "a page of jobs"), **_errors(400)}}},
         "/jobs/{job_id}": {"get": {
             "summary": "A job, its status and result", "parameters": [JOB_ID],
@@ -3698,9 +4258,9 @@ OPENAPI: dict[str, Any] = {
             "summary": "Ready: 200; 503 naming what is wrong", "security": [{}],
             "responses": {"200": _json(_ref("Health"), "serving"), "503": _json(_ref("Error"), "not serving")}}},
         "/metrics": {"get": {
-            "summary": "Prometheus text format",
+            "summary": "Prometheus text format (the operator's)",
             "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
-                          **_errors()}}},
+                          **_errors(403)}}},
         "/webhooks/{job_id}/request": {"get": {
             "summary": "The body every attempt sent, and each attempt's headers (signatures, never the secret)",
             "parameters": [JOB_ID],
@@ -3711,10 +4271,45 @@ OPENAPI: dict[str, Any] = {
                     "headers": {"type": "object", "additionalProperties": {"type": "string"}}}}}}},
                 "what was sent"), **_errors(404)}}},
         "/stats": {"get": {
-            "summary": "Counters since start-up, for the page's chart",
+            "summary": "Counters since start-up, for the page's chart (the operator's)",
             "responses": {"200": _json({"type": "object", "properties": {
                 name: {"type": "integer"} for name in ("accepted", "delivered", "failed_attempts", "dead_letter",
-                                                       "queue_depth")}}, "the counters"), **_errors()}}},
+                                                       "queue_depth")}}, "the counters"), **_errors(403)}}},
+        "/clients": {
+            "post": {"summary": "A new client (the operator's); its key and secret are in this answer only",
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                         "type": "object", "required": ["name"], "additionalProperties": False,
+                         "properties": {"name": {"type": "string", "pattern": f"^{CLIENT_NAME.pattern}$"}}}}}},
+                     "responses": {"201": _json(_ref("NewClient"), "made"), **_errors(400, 403, 408, 409, 413, 415)}},
+            "get": {"summary": "Every client (the operator's); never a key or a secret",
+                    "responses": {"200": _json({"type": "object", "required": ["clients"], "properties": {
+                        "clients": {"type": "array", "items": _ref("Client")}}}, "the clients"), **_errors(403)}}},
+        "/clients/{name}": {
+            "get": {"summary": "One client (the operator, or the client itself)", "parameters": [CLIENT],
+                    "responses": {"200": _json(_ref("Client"), "the client"), **_errors(403, 404)}},
+            "patch": {"summary": "Disable or enable a client (the operator's)", "parameters": [CLIENT],
+                      "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                          "type": "object", "required": ["disabled"], "additionalProperties": False,
+                          "properties": {"disabled": {"type": "boolean"}}}}}},
+                      "responses": {"200": _json(_ref("Client"), "the client"),
+                                    **_errors(400, 403, 404, 408, 413, 415)}}},
+        "/clients/{name}/keys": {"post": {
+            "summary": "One more API key (the operator, or the client itself); shown in this answer only",
+            "parameters": [CLIENT], "responses": {"201": _json(_ref("NewKey"), "the key"), **_errors(403, 404)}}},
+        "/clients/{name}/keys/{key_id}": {"delete": {
+            "summary": "Refuse a key from now on (the operator, or the client itself)",
+            "parameters": [CLIENT, {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"204": {"description": "revoked"}, **_errors(403, 404)}}},
+        "/clients/{name}/secrets": {"post": {
+            "summary": "A new signing secret (the operator, or the client itself); the previous ones sign on"
+                       " until previous_until",
+            "parameters": [CLIENT],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"overlap_hours": {"type": "number", "minimum": 0, "maximum": 720}}}}}},
+            "responses": {"201": _json({"type": "object", "required": ["secret", "previous_until"], "properties": {
+                "secret": {"type": "string", "pattern": "^whsec_"}, "previous_until": TIME}}, "the new secret"),
+                **_errors(400, 403, 404, 408, 413, 415)}}},
         "/": {"get": {
             "summary": "The Recent Deliveries page (no data in it, no key needed)", "security": [{}],
             "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
@@ -3744,7 +4339,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[IDEMPOTENCY_IN_PROGRESS] = {}
     app[LOOPS] = Loops()
-    app[REQUESTS_BY_CLIENT] = Counter()
+    app[REQUESTS_BY_ADDRESS] = Counter()
     app.cleanup_ctx.append(_running)
     app.router.add_post("/predict", predict)
     app.router.add_get("/jobs", list_jobs)
@@ -3760,6 +4355,13 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/ui", page)
     app.router.add_get("/stats", stats)
     app.router.add_get("/webhooks/{job_id}/request", request_sent)
+    app.router.add_post("/clients", post_client)
+    app.router.add_get("/clients", get_clients)
+    app.router.add_get("/clients/{name}", get_client)
+    app.router.add_patch("/clients/{name}", patch_client)
+    app.router.add_post("/clients/{name}/keys", post_client_key)
+    app.router.add_delete("/clients/{name}/keys/{key_id}", delete_client_key)
+    app.router.add_post("/clients/{name}/secrets", post_client_secret)
     return app
 
 
@@ -3772,7 +4374,10 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         store = await open_store(config.db, loops, config.timeout)
         stack.push_async_callback(store.close)
         stack.push_async_callback(store.hand_over)
-        signer = Signer(config.secrets or [await _stored_secret(store, config.db)])
+        clients = Clients(store, Signer(config.secrets or [await _stored_secret(store, config.db)]))
+        await clients.refresh()
+        loops.start("clients", clients.keep_fresh)
+        stack.push_async_callback(loops.stop, "clients")
         metrics = Metrics(*await store.counts())
         resolver = None if config.allow_private_urls else PublicResolver()
         if resolver:
@@ -3780,7 +4385,7 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         session = _client_session(config, resolver)
         stack.push_async_callback(session.close)
         fence = Fence()
-        engine = DeliveryEngine(config, store, signer, session, metrics, loops, fence)
+        engine = DeliveryEngine(config, store, clients, session, metrics, loops, fence)
         engine.start()
         stack.push_async_callback(engine.stop)
         workers = InferenceWorkers(config, store, engine, model, metrics, loops)
@@ -3790,7 +4395,7 @@ async def _running(app: web.Application) -> AsyncIterator[None]:
         resumed = await instance.start()
         stack.push_async_callback(instance.stop)
         app[STORE], app[ENGINE], app[WORKERS], app[METRICS], app[FENCE] = store, engine, workers, metrics, fence
-        app[SIGNER] = signer
+        app[CLIENTS] = clients
         loops.start("pruner", functools.partial(_prune_idempotency_keys, store))
         stack.push_async_callback(loops.stop, "pruner")
         if config.retention_days:
@@ -3952,6 +4557,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     _option(serve, "--max-in-flight", 256, "delivery attempts running at once, across all receivers", int)
     _option(serve, "--max-backlog", 4000,
             "accepted work not yet done (jobs before inference, deliveries due); past it /predict answers 503", int)
+    _option(serve, "--client-backlog", 0,
+            "the most accepted, unfinished work one client may hold; past it its /predict answers 429"
+            " (0: half of --max-backlog)", int)
     _option(serve, "--retention-days", 30.0, "delete finished jobs older than this (0: keep everything)", float)
     _flag(serve, "--allow-private-urls", "allow webhook URLs on loopback/private networks (local testing)")
     _option(serve, "--api-key", None,
@@ -4028,6 +4636,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         timeout=args.timeout,
         max_in_flight=args.max_in_flight,
         max_backlog=args.max_backlog,
+        client_backlog=args.client_backlog,
         retention_days=args.retention_days,
         allow_private_urls=_boolean("WEBHOOKD_ALLOW_PRIVATE_URLS", args.allow_private_urls),
         api_key=_from_file("--api-key", args.api_key, args.api_key_file) or None,
@@ -4039,8 +4648,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `serve` or `receive`."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Run `serve`, `receive` or `clients`."""
+    argv = sys.argv[1:] if argv is None else argv
+    db, rest = _without_db(argv)
+    if rest[:1] == ["clients"]:
+        return manage_clients(db, rest[1:])
+    args = parse_args(argv)
     if args.command == "receive":
         return _receive(args)
     try:
@@ -4082,7 +4695,7 @@ def _raise_file_limit(config: Config) -> None:
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         soft = hard
-    needed = 2 * config.max_in_flight + 2 * MAX_REQUESTS_PER_CLIENT
+    needed = 2 * config.max_in_flight + 2 * MAX_REQUESTS_PER_ADDRESS
     if soft != resource.RLIM_INFINITY and soft < needed:
         log.warning("the open-file limit is %d, under the %d that --max-in-flight %d and clients need;"
                     " raise it (LimitNOFILE= in systemd) or lower --max-in-flight", soft, needed, config.max_in_flight)
@@ -4141,6 +4754,87 @@ def _receive(args: argparse.Namespace) -> int:
 def _secret_in_db(db: str) -> list[str]:
     secret = asyncio.run(secret_in_db(db, Config.timeout))
     return [secret] if secret else []
+
+
+# ---------------------------------------------------------------------------
+# Command line: clients (python webhookd.py clients ...)
+# ---------------------------------------------------------------------------
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, as every error of the command line is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def manage_clients(db: str, argv: list[str]) -> int:
+    """Make or change a client on --db directly, print what the HTTP API would answer, as JSON."""
+    parser = OneLineParser(prog="webhookd.py clients", description="Manage the clients, on --db directly;"
+                           " a service running on it has the change in force within a few seconds.")
+    actions = parser.add_subparsers(dest="action", required=True)
+    for action, help, arguments in CLIENT_ACTIONS:
+        sub = actions.add_parser(action, help=help)
+        for argument in arguments:
+            sub.add_argument(argument)
+        if action == "rotate-secret":
+            sub.add_argument("--overlap-hours", type=float, default=24.0,
+                             help="hours the previous secrets keep signing (0 to 720; default 24)")
+    args = parser.parse_args(argv)
+    try:
+        shown = asyncio.run(_client_change(db, args))
+    except (ClientError, StoreRefused, StoreUnavailable) as exc:
+        print(f"webhookd clients: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(shown, indent=2))
+    return 0
+
+
+CLIENT_ACTIONS = (
+    ("add", "make a client; shows its API key and signing secret, this once", ("name",)),
+    ("list", "every client", ()),
+    ("show", "one client", ("name",)),
+    ("add-key", "one more API key for a client", ("name",)),
+    ("revoke-key", "refuse one of a client's keys", ("name", "id")),
+    ("rotate-secret", "a new signing secret; the previous ones sign on for --overlap-hours", ("name",)),
+    ("disable", "refuse a client's keys (its accepted work is still delivered)", ("name",)),
+    ("enable", "accept a client's keys again", ("name",)),
+)
+
+
+async def _client_change(db: str, args: argparse.Namespace) -> dict[str, Any]:
+    store = await open_store(db, Loops(), timeout=10.0, instance=False)
+    try:
+        match args.action:
+            case "add":
+                return await make_client(store, args.name)
+            case "list":
+                return await list_clients(store)
+            case "show":
+                return await show_client(store, args.name)
+            case "add-key":
+                return await add_client_key(store, args.name)
+            case "revoke-key":
+                return await revoke_client_key(store, args.name, args.id)
+            case "rotate-secret":
+                return await rotate_client_secret(store, args.name, args.overlap_hours)
+            case _:
+                return await disable_client(store, args.name, args.action == "disable")
+    finally:
+        await store.close()
+
+
+def _without_db(argv: list[str]) -> tuple[str, list[str]]:
+    """--db's value wherever it stands on the line (else WEBHOOKD_DB, else the default), and the rest."""
+    db, rest, words = os.environ.get("WEBHOOKD_DB", "webhookd.db"), [], iter(argv)
+    for word in words:
+        if word == "--db":
+            db = next(words, db)
+        elif word.startswith("--db="):
+            db = word.removeprefix("--db=")
+        else:
+            rest.append(word)
+    return db, rest
 
 
 if __name__ == "__main__":
