@@ -2342,6 +2342,30 @@ async def test_the_page_asks_for_the_api_key_once(make_service: Callable[..., An
     assert "s3cret-key" not in await (await service.get("/")).text()  # the page itself carries no key
 
 
+async def test_the_page_is_a_clients_own_view_with_its_key_and_the_operators_has_a_client_column(
+    make_service: Callable[..., Any], browser: Any
+) -> None:
+    service = await make_service(api_key=OPERATOR_KEY)
+    keys = {name: (await new_client(service, name))["api_key"]["key"] for name in ("acme", "globex")}
+    jobs = {name: (await submit_as(service, key, f"a job of {name}"))["job_id"] for name, key in keys.items()}
+    page = await open_page(browser, service)
+    await page.get_by_label("This webhookd needs its API key:").fill(OPERATOR_KEY)
+    await page.get_by_role("button", name="Use key").click()
+    await page.get_by_role("button", name="Show " + jobs["acme"]).wait_for()
+    await page.locator("#client-head").wait_for()
+    assert await page.locator("#jobs tr", has_text=jobs["globex"]).get_by_text("globex").is_visible()
+    await page.get_by_label("Client").fill("globex")
+    await page.get_by_role("button", name="Show " + jobs["acme"]).wait_for(state="detached")
+    assert await page.get_by_role("button", name="Show " + jobs["globex"]).is_visible()
+    mine = await open_page(browser, service)
+    await mine.get_by_label("This webhookd needs its API key:").fill(keys["acme"])
+    await mine.get_by_role("button", name="Use key").click()
+    await mine.get_by_role("button", name="Show " + jobs["acme"]).wait_for()
+    await mine.locator("#counters").wait_for(state="hidden")  # /stats is the operator's
+    assert not await mine.get_by_role("button", name="Show " + jobs["globex"]).count()
+    assert not await mine.get_by_label("Client").is_visible()
+
+
 async def test_a_script_in_an_answer_or_a_url_shows_as_text_and_never_runs(
     make_service: Callable[..., Any], make_receiver: Callable[..., Any], browser: Any
 ) -> None:

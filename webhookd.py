@@ -3809,11 +3809,13 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f1f3f6; paddi
     <button type="button" data-filter="status" data-value="failed" aria-pressed="false">failed</button>
     <label for="search" class="muted">Job id</label>
     <input id="search" type="search" placeholder="job-01a2…" spellcheck="false">
+    <label for="client" class="muted operator-only" hidden>Client</label>
+    <input id="client" class="operator-only" type="search" placeholder="name" spellcheck="false" hidden>
   </div>
   <div class="layout">
     <section aria-label="Jobs">
       <table>
-        <thead><tr><th>Job</th><th>Job status</th><th>Delivery</th><th>Attempts</th><th>Last error</th><th>Created</th></tr></thead>
+        <thead><tr><th>Job</th><th id="client-head" hidden>Client</th><th>Job status</th><th>Delivery</th><th>Attempts</th><th>Last error</th><th>Created</th></tr></thead>
         <tbody id="jobs"></tbody>
       </table>
       <p><button type="button" id="more">Load more</button> <span id="list-note" class="muted"></span></p>
@@ -3835,8 +3837,8 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f1f3f6; paddi
 </main>
 <script>
 "use strict";
-const state = { filters: { status: new Set(), delivery_status: new Set() }, q: "", shown: 50, listCalls: 0,
-  selected: null, redeliverError: "", until: null, history: [] };
+const state = { filters: { status: new Set(), delivery_status: new Set() }, q: "", client: "", shown: 50,
+  listCalls: 0, selected: null, redeliverError: "", until: null, history: [] };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, text, attributes = {}) {
@@ -3853,7 +3855,7 @@ async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers });
   if (response.status === 401) { $("key-form").hidden = false; throw new Error("the API key is needed"); }
   const body = await response.json();
-  if (!response.ok) throw new Error(body.error || response.statusText);
+  if (!response.ok) throw Object.assign(new Error(body.error || response.statusText), { status: response.status });
   return body;
 }
 
@@ -3861,6 +3863,7 @@ function listQuery(limit, before) {
   const params = new URLSearchParams({ limit: String(limit) });
   for (const [name, values] of Object.entries(state.filters)) if (values.size) params.set(name, [...values].join(","));
   if (state.q) params.set("q", state.q);
+  if (state.client) params.set("client", state.client);
   if (before) params.set("before", before);
   return "/jobs?" + params;
 }
@@ -3877,7 +3880,9 @@ async function refreshList() {
     note = jobs.length ? "" : "No job matches.";
   } catch (error) { jobs = []; next = null; note = error.message; }
   if (call !== state.listCalls) return;  // a later call, with newer filters, shows its own
-  $("jobs").replaceChildren(...jobs.map(jobRow));
+  const clients = jobs.some((job) => job.client);  // a column only where there are clients
+  $("client-head").hidden = !clients;
+  $("jobs").replaceChildren(...jobs.map((job) => jobRow(job, clients)));
   $("more").disabled = !next;
   $("list-note").textContent = note;
 }
@@ -3889,10 +3894,12 @@ function jobCell(jobId) {
   return cell;
 }
 
-function jobRow(job) {
+function jobRow(job, clients) {
   const row = el("tr");
   if (job.job_id === state.selected) row.className = "selected";
-  row.append(jobCell(job.job_id), el("td", job.status, { class: "status-" + job.status }),
+  row.append(jobCell(job.job_id));
+  if (clients) row.append(el("td", job.client || "(operator)", { class: job.client ? "" : "muted" }));
+  row.append(el("td", job.status, { class: "status-" + job.status }),
     el("td", job.delivery_status || "no webhook", { class: "status-" + (job.delivery_status || "none") }),
     el("td", job.attempts), el("td", job.last_error || ""), el("td", job.created_at));
   return row;
@@ -3997,7 +4004,13 @@ const COUNTERS = [["accepted", "jobs accepted/s"], ["delivered", "deliveries/s"]
   ["failed_attempts", "failed attempts/s"], ["dead_letter", "dead letters"], ["queue_depth", "queue depth"]];
 
 async function refreshCounters() {
-  const stats = await api("/stats");
+  let stats;
+  try { stats = await api("/stats"); }
+  catch (error) {  // a client's key: the counters, and the client filter, are the operator's
+    if (error.status !== 403) throw error;
+    return showOperatorParts(false);
+  }
+  showOperatorParts(true);
   state.history.push({ at: Date.now(), stats });
   state.history = state.history.slice(-60);
   const boxes = COUNTERS.map(([name, label]) => {
@@ -4011,6 +4024,11 @@ async function refreshCounters() {
     return box;
   });
   $("counters").replaceChildren(...boxes);
+}
+
+function showOperatorParts(shown) {
+  $("counters").hidden = !shown;
+  for (const part of document.querySelectorAll(".operator-only")) part.hidden = !shown;
 }
 
 function sparkline(points) {
@@ -4040,6 +4058,7 @@ for (const chip of document.querySelectorAll("[data-filter]")) {
   });
 }
 $("search").addEventListener("input", () => { state.q = $("search").value.trim(); state.shown = 50; refreshList(); });
+$("client").addEventListener("input", () => { state.client = $("client").value.trim(); state.shown = 50; refreshList(); });
 $("more").addEventListener("click", () => { state.shown += 50; refreshList(); });
 $("count-failed").addEventListener("click", () => countFailed().catch((error) => { $("bulk-note").textContent = error.message; }));
 $("redeliver-all").addEventListener("click", () => redeliverAll().catch((error) => { $("bulk-note").textContent = error.message; }));
