@@ -586,6 +586,37 @@ def test_retry_schedule_is_1_2_4_seconds_by_default() -> None:
     assert webhookd.retry_schedule(RetryPolicy(max_retries=0)) == []
 
 
+def test_a_retry_schedule_spells_waits_in_units_and_refuses_what_it_cannot_use() -> None:
+    assert webhookd.parse_retry_schedule("5s,5m,30m,2h,5h,10h,10h") == (5, 300, 1800, 7200, 18000, 36000, 36000)
+    assert webhookd.parse_retry_schedule("0.5s, 1, 1d") == (0.5, 1, 86400)
+    for bad in ("", "5s,,5m", "5x", "-1s", "0", "nan", "inf", ",".join(["1s"] * 101)):
+        with pytest.raises(ValueError, match="--retry-schedule"):
+            webhookd.parse_retry_schedule(bad)
+    with pytest.raises(ValueError, match="over --backoff-max"):
+        webhookd.config_from_args(webhookd.parse_args(["--retry-schedule", "1m,2h", "--backoff-max", "3600"]))
+    config = webhookd.config_from_args(webhookd.parse_args(["--retry-schedule", "5s,5m,30m", "--max-retries", "9"]))
+    policy = config.retry
+    assert policy.max_retries == 3 and webhookd.retry_schedule(policy) == [5, 300, 1800]  # the schedule's length wins
+    assert webhookd.retry_delay(1, policy, retry_after=60) == 60  # Retry-After still lengthens a wait
+    assert webhookd.retry_schedule(policy.overridden({"max_retries": 2})) == [1, 2]  # a job's own policy overrides
+
+
+def test_a_bad_retry_schedule_is_one_line_and_a_non_zero_exit(tmp_path: Path) -> None:
+    done = run_webhookd("--retry-schedule", "5s,soon", "--db", str(tmp_path / "never.db"))
+    assert done.returncode != 0 and done.stderr.count("\n") == 1 and "'soon'" in done.stderr, done.stderr
+
+
+async def test_deliveries_follow_the_retry_schedule_then_fail(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=RetryPolicy(max_retries=2, schedule=(0.01, 0.03)))
+    failing = await make_receiver(lambda arrival, n: web.Response(status=500))
+    job_id = (await submit(service, webhook_url=failing.url()))["job_id"]
+    status = await wait_for_status(service, job_id, "failed")
+    times = [_parse_iso(a["timestamp"]) for a in status["attempts"]]
+    assert len(times) == 3 and times[2] - times[1] >= 0.03 - 0.002
+
+
 def test_retry_delay_caps_jitters_and_hears_retry_after() -> None:
     policy = RetryPolicy(backoff_base=10, backoff_factor=10, backoff_max=500, backoff_jitter=0.5)
     assert webhookd.retry_delay(3, policy, draw=lambda: 0.5) == 500  # 1000 capped

@@ -145,17 +145,42 @@ RETRY_POLICY_BOUNDS = {  # what a job's own retry_policy may ask for
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """When to try a delivery again: retry k waits base * factor^(k-1), jittered, capped."""
+    """When to try a delivery again: retry k waits schedule[k-1] if there is a schedule, else
+    base * factor^(k-1); jittered, capped."""
 
     max_retries: int = 3
     backoff_base: float = 1.0
     backoff_factor: float = 2.0
     backoff_max: float = 3600.0
     backoff_jitter: float = 0.0
+    schedule: tuple[float, ...] = ()  # --retry-schedule: the waits before each retry
 
     def overridden(self, overrides: dict[str, Any] | None) -> RetryPolicy:
-        """This policy with a job's own retry_policy fields on top."""
-        return dataclasses.replace(self, **overrides) if overrides else self
+        """This policy with a job's own retry_policy fields on top (which replace a schedule)."""
+        return dataclasses.replace(self, **overrides, schedule=()) if overrides else self
+
+
+MAX_SCHEDULE = 100
+WAIT_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_retry_schedule(text: str) -> tuple[float, ...]:
+    """--retry-schedule: waits such as 5s,5m,30m,2h (a plain number is seconds); ValueError says why not."""
+    entries = text.split(",")
+    if len(entries) > MAX_SCHEDULE:
+        raise ValueError(f"--retry-schedule has {len(entries)} waits; at most {MAX_SCHEDULE}")
+    waits = []
+    for entry in entries:
+        entry = entry.strip()
+        number, unit = (entry[:-1], entry[-1]) if entry[-1:] in WAIT_UNITS else (entry, "s")
+        try:
+            wait = float(number) * WAIT_UNITS[unit]
+        except ValueError:
+            raise ValueError(f"--retry-schedule: {entry!r} is not a wait like 30s, 5m, 2h or 1d") from None
+        if not 0 < wait < math.inf:
+            raise ValueError(f"--retry-schedule: {entry!r} is not a positive wait")
+        waits.append(wait)
+    return tuple(waits)
 
 
 @dataclass(frozen=True)
@@ -201,6 +226,8 @@ class Config:
                  f"--backoff-factor must be {RETRY_POLICY_BOUNDS['backoff_factor']}"),
                 (not 0 < self.retry.backoff_max < math.inf, "--backoff-max must be a positive number of seconds"),
                 (not 0 <= self.retry.backoff_jitter <= 1, "--backoff-jitter must be in [0, 1]"),
+                (any(wait > self.retry.backoff_max for wait in self.retry.schedule),
+                 f"--retry-schedule has a wait over --backoff-max ({self.retry.backoff_max:g} s)"),
                 (self.log_level not in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}"),
                 (self.log_format not in LOG_FORMATS, f"--log-format must be one of {', '.join(LOG_FORMATS)}"),
                 (not 0 <= self.port <= 65535, "--port must be 0 to 65535"),
@@ -2051,7 +2078,8 @@ def retry_delay(
 ) -> float:
     """Seconds to wait before retry number `retry` (from 1), the receiver's Retry-After heard."""
     try:
-        delay = min(policy.backoff_base * policy.backoff_factor ** (retry - 1), policy.backoff_max)
+        delay = min(policy.schedule[retry - 1] if policy.schedule else
+                    policy.backoff_base * policy.backoff_factor ** (retry - 1), policy.backoff_max)
     except OverflowError:  # past what a float holds: today's bounds on retries and factor stay far below
         delay = policy.backoff_max
     delay *= 1 + policy.backoff_jitter * (2 * draw() - 1)
@@ -4572,6 +4600,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     _option(serve, "--backoff-factor", 2.0, "growth per retry", float)
     _option(serve, "--backoff-max", 3600.0, "cap on any single wait, Retry-After included", float)
     _option(serve, "--backoff-jitter", 0.0, "spread each wait by up to +- this fraction (0..1)", float)
+    _option(serve, "--retry-schedule", None,
+            "the waits before each retry, e.g. 5s,5m,30m,2h,5h,10h,10h (units s, m, h, d); replaces"
+            " --max-retries, --backoff-base and --backoff-factor")
     _option(serve, "--timeout", 10.0, "seconds one delivery attempt may take, connect to last byte", float)
     _option(serve, "--max-in-flight", 256, "delivery attempts running at once, across all receivers", int)
     _option(serve, "--max-backlog", 4000,
@@ -4650,8 +4681,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         db=args.db,
         workers=args.workers,
         secrets=tuple((_from_file("--secret", args.secret, args.secret_file) or "").split()),
-        retry=RetryPolicy(args.max_retries, args.backoff_base, args.backoff_factor,
-                          args.backoff_max, args.backoff_jitter),
+        retry=_retry_policy_of(args),
         timeout=args.timeout,
         max_in_flight=args.max_in_flight,
         max_backlog=args.max_backlog,
@@ -4664,6 +4694,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         log_format=args.log_format,
         failover_after=args.failover_after,
     )
+
+
+def _retry_policy_of(args: argparse.Namespace) -> RetryPolicy:
+    if args.retry_schedule is None:
+        return RetryPolicy(args.max_retries, args.backoff_base, args.backoff_factor, args.backoff_max,
+                           args.backoff_jitter)
+    schedule = parse_retry_schedule(args.retry_schedule)
+    return RetryPolicy(len(schedule), backoff_max=args.backoff_max, backoff_jitter=args.backoff_jitter,
+                       schedule=schedule)
 
 
 def main(argv: list[str] | None = None) -> int:
