@@ -2914,24 +2914,51 @@ async def test_healthz_and_metrics(service: TestClient, make_receiver: Callable[
     await wait_for_status(service, accepted["job_id"], "delivered")
     response = await service.get("/metrics")
     assert response.status == 200 and response.content_type == "text/plain"
-    text = await response.text()
-    assert 'webhookd_jobs{status="completed"} 1' in text
-    assert 'webhookd_delivery_attempts_total{outcome="success"} 1' in text
-    assert 'webhookd_delivery_attempts_total{outcome="http_error"} 1' in text
-    assert "webhookd_dead_letter_deliveries 0" in text
-    assert "webhookd_queue_depth 0" in text
-    assert 'webhookd_attempt_duration_seconds_bucket{le="+Inf"} 2' in text
-    assert "webhookd_attempt_duration_seconds_count 2" in text
-    for line in text.splitlines():
-        assert line.startswith("#") or len(line.split(" ")) == 2, line
+    samples = metric_samples(await response.text())
+    assert samples["webhookd_jobs", (("status", "completed"),)] == 1
+    assert samples["webhookd_delivery_attempts_total", (("outcome", "success"),)] == 1
+    assert samples["webhookd_delivery_attempts_total", (("outcome", "http_error"),)] == 1
+    assert samples["webhookd_dead_letter_deliveries", ()] == 0
+    assert samples["webhookd_queue_depth", ()] == 0
+    assert samples["webhookd_attempt_duration_seconds_bucket", (("le", "+Inf"),)] == 2
+    assert samples["webhookd_attempt_duration_seconds_count", ()] == 2
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics text, as Prometheus's own parser reads it."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def test_metrics_have_the_process_the_collector_the_model_and_every_route(
+    service: TestClient, receiver: Receiver
+) -> None:
+    job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(service, job_id, "delivered")
+    for path in ("/nowhere/1", "/nowhere/2", f"/jobs/{job_id}"):
+        await service.get(path)
+    samples = metric_samples(await (await service.get("/metrics")).text())
+    names = {name for name, _ in samples}
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+            "python_gc_collections_total"} <= names
+    assert samples["webhookd_jobs_accepted_total", ()] == 1
+    assert samples["webhookd_inference_batch_duration_seconds_count", ()] >= 1
+    assert samples["webhookd_inference_job_duration_seconds_count", ()] >= 1
+    assert samples["webhookd_oldest_due_delivery_seconds", ()] == 0
+    requests = {labels: n for (name, labels), n in samples.items() if name == "webhookd_http_requests_total"}
+    assert requests[("route", "/predict"), ("status", "2xx")] == 1
+    assert requests[("route", "/jobs/{job_id}"), ("status", "2xx")] == 1
+    assert requests[("route", "other"), ("status", "4xx")] == 2  # unknown paths: one label, however many
+    assert samples["webhookd_http_request_duration_seconds_count", (("route", "/predict"),)] == 1
 
 
 def test_histogram_buckets_are_cumulative_and_include_their_bound() -> None:
     histogram = webhookd.Histogram((0.1, 1.0))
     for seconds in (0.05, 0.1, 0.5, 1.0, 7.0):
         histogram.observe(seconds)
-    assert histogram.lines("t", "h")[2:] == [
-        't_bucket{le="0.1"} 2', 't_bucket{le="1.0"} 4', 't_bucket{le="+Inf"} 5', "t_sum 8.650000", "t_count 5"]
+    samples = {(s.name, s.labels.get("le")): s.value for s in histogram.family("t", "h").samples}
+    assert samples == {("t_bucket", "0.1"): 2, ("t_bucket", "1.0"): 4, ("t_bucket", "+Inf"): 5,
+                       ("t_count", None): 5, ("t_sum", None): pytest.approx(8.65)}
 
 
 async def test_metrics_parse_and_answer_are_webhooks_arriving(
@@ -2943,8 +2970,9 @@ async def test_metrics_parse_and_answer_are_webhooks_arriving(
     failed = (await submit(service, webhook_url=dead.url().replace("127.0.0.1", "localhost")))["job_id"]
     await wait_for_status(service, delivered, "delivered")
     await wait_for_status(service, failed, "failed")
-    families = {f.name: f for f in text_string_to_metric_families(await (await service.get("/metrics")).text())}
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    text = await (await service.get("/metrics")).text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = metric_samples(text)
     assert families["webhookd_deliveries_finished"].type == "counter"
     assert samples["webhookd_deliveries_finished_total", (("outcome", "delivered"),)] == 1
     assert samples["webhookd_deliveries_finished_total", (("outcome", "failed"),)] == 1

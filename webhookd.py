@@ -64,6 +64,9 @@ import aiosqlite
 import asyncpg
 from aiohttp import web, web_protocol
 from aiohttp.abc import AbstractResolver, ResolveResult
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 from yarl import URL
 
 __version__ = "1.1.0"
@@ -1910,7 +1913,8 @@ OUTCOMES = ("success", "http_error", "timeout", "connection_error", "blocked")
 
 
 class Metrics:
-    """What /metrics shows: gauges seeded from the db at start-up, counters since start-up."""
+    """What /metrics shows: gauges seeded from the db at start-up, counters since start-up, and
+    prometheus_client's process and garbage-collector metrics, in a registry of this app's own."""
 
     MAX_LABELS = 100  # receivers, and clients, beyond these are counted together as "other"
 
@@ -1929,6 +1933,15 @@ class Metrics:
         self._clients: set[str] = set()
         self.shed = 0
         self.accepted = 0
+        self.requests: Counter[tuple[str, str]] = Counter()  # (route, status class)
+        self.request_seconds: dict[str, Histogram] = {}  # by route
+        self.batch_seconds = Histogram((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0))
+        self.inference_seconds = Histogram((0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25))
+        self._now = Gauges(0, 0, 0, 0.0)
+        self.registry = CollectorRegistry(auto_describe=False)
+        for collector in (ProcessCollector, GCCollector, PlatformCollector):
+            collector(registry=self.registry)
+        self.registry.register(self)
 
     def job_accepted(self, client: str) -> None:
         """Count a job committed as processing."""
@@ -1965,57 +1978,82 @@ class Metrics:
             self.delivery_seconds.observe(since_submission)
             self.client_event(client, "delivered")
 
-    def render(self, queue_depth: int, scheduled: int, in_flight: int) -> str:
-        """The Prometheus text exposition format, version 0.0.4."""
+    def request_answered(self, route: str, status: int, seconds: float) -> None:
+        """Count an API request by route template and status class, and time it."""
+        self.requests[route, f"{status // 100}xx"] += 1
+        timing = self.request_seconds.get(route)
+        if timing is None:
+            timing = self.request_seconds[route] = Histogram(REQUEST_BUCKETS)
+        timing.observe(seconds)
+
+    def batch_predicted(self, jobs: int, seconds: float) -> None:
+        """Time one batch through the model, and what each of its jobs cost."""
+        self.batch_seconds.observe(seconds)
+        self.inference_seconds.observe(seconds / jobs)
+
+    def render(self, now: Gauges) -> bytes:
+        """The Prometheus text exposition format: these metrics, the process's and the collector's."""
+        self._now = now
+        return generate_latest(self.registry)
+
+    def collect(self) -> Iterable[Metric]:
+        """The metrics as prometheus_client collects them, at each scrape (the hot path only adds to ints)."""
         python = ".".join(map(str, sys.version_info[:3]))
-        lines = [
-            "# HELP webhookd_build_info The running webhookd.",
-            "# TYPE webhookd_build_info gauge",
-            f'webhookd_build_info{{version="{__version__}",python="{python}"}} 1',
-            "# HELP webhookd_jobs Jobs by status (seeded from the db at start-up).",
-            "# TYPE webhookd_jobs gauge",
-            *(f'webhookd_jobs{{status="{s}"}} {n}' for s, n in sorted(self.jobs.items())),
-            "# HELP webhookd_delivery_attempts_total Delivery attempts since start-up by outcome.",
-            "# TYPE webhookd_delivery_attempts_total counter",
-            *(f'webhookd_delivery_attempts_total{{outcome="{o}"}} {self.attempts[o]}' for o in OUTCOMES),
-            "# HELP webhookd_receiver_attempts_total Delivery attempts since start-up by receiver host"
-            f" (the first {self.MAX_LABELS} seen; the rest as other) and result.",
-            "# TYPE webhookd_receiver_attempts_total counter",
-            *(f'webhookd_receiver_attempts_total{{receiver="{_label(host)}",result="{"failed" if failed else "ok"}"}} {n}'
-              for (host, failed), n in sorted(self.by_receiver.items())),
-            "# HELP webhookd_deliveries_finished_total Rounds of attempts since start-up that ended, by outcome.",
-            "# TYPE webhookd_deliveries_finished_total counter",
-            *(f'webhookd_deliveries_finished_total{{outcome="{o}"}} {n}' for o, n in sorted(self.finished.items())),
-            "# HELP webhookd_jobs_shed_total POST /predict refused since start-up, past --max-backlog (503)"
-            " or a client's --client-backlog (429).",
-            "# TYPE webhookd_jobs_shed_total counter",
-            f"webhookd_jobs_shed_total {self.shed}",
-            "# HELP webhookd_client_jobs_total Each client's jobs since start-up: accepted, shed (429 or 503)"
-            f" and delivered (the first {self.MAX_LABELS} clients seen; the rest as other).",
-            "# TYPE webhookd_client_jobs_total counter",
-            *(f'webhookd_client_jobs_total{{client="{_label(client)}",event="{event}"}} {n}'
-              for (client, event), n in sorted(self.by_client.items())),
-            "# HELP webhookd_dead_letter_deliveries Deliveries that failed for good.",
-            "# TYPE webhookd_dead_letter_deliveries gauge",
-            f"webhookd_dead_letter_deliveries {self.dead_letter}",
-            "# HELP webhookd_queue_depth Jobs accepted and not yet through inference (queued, or in a worker's batch).",
-            "# TYPE webhookd_queue_depth gauge",
-            f"webhookd_queue_depth {queue_depth}",
-            "# HELP webhookd_deliveries_scheduled Deliveries waiting for a retry.",
-            "# TYPE webhookd_deliveries_scheduled gauge",
-            f"webhookd_deliveries_scheduled {scheduled}",
-            "# HELP webhookd_attempts_in_flight Delivery attempts under way.",
-            "# TYPE webhookd_attempts_in_flight gauge",
-            f"webhookd_attempts_in_flight {in_flight}",
-            *self.attempt_seconds.lines("webhookd_attempt_duration_seconds", "How long delivery attempts took."),
-            *self.delivery_seconds.lines("webhookd_delivery_latency_seconds",
-                                         "Submission to the 2xx that delivered the webhook."),
-        ]
-        return "\n".join(lines) + "\n"
+        yield _gauge("webhookd_build_info", "The running webhookd.", {(("version", __version__), ("python", python)): 1})
+        yield _gauge("webhookd_jobs", "Jobs by status (seeded from the db at start-up).",
+                     {(("status", s),): n for s, n in sorted(self.jobs.items())})
+        yield _counter("webhookd_jobs_accepted_total", "Jobs accepted since start-up.", {(): self.accepted})
+        yield _counter("webhookd_delivery_attempts_total", "Delivery attempts since start-up by outcome.",
+                       {(("outcome", o),): self.attempts[o] for o in OUTCOMES})
+        yield _counter("webhookd_receiver_attempts_total", "Delivery attempts since start-up by receiver host"
+                       f" (the first {self.MAX_LABELS} seen; the rest as other) and result.",
+                       {(("receiver", host), ("result", "failed" if failed else "ok")): n
+                        for (host, failed), n in sorted(self.by_receiver.items())})
+        yield _counter("webhookd_deliveries_finished_total", "Rounds of attempts since start-up that ended, by outcome.",
+                       {(("outcome", o),): n for o, n in sorted(self.finished.items())})
+        yield _counter("webhookd_jobs_shed_total", "POST /predict refused since start-up, past --max-backlog (503)"
+                       " or a client's --client-backlog (429).", {(): self.shed})
+        yield _counter("webhookd_client_jobs_total", "Each client's jobs since start-up: accepted, shed (429 or 503)"
+                       f" and delivered (the first {self.MAX_LABELS} clients seen; the rest as other).",
+                       {(("client", client), ("event", event)): n for (client, event), n in sorted(self.by_client.items())})
+        yield _counter("webhookd_http_requests_total", "API requests since start-up by route and status class.",
+                       {(("route", route), ("status", status)): n for (route, status), n in sorted(self.requests.items())})
+        yield _gauge("webhookd_dead_letter_deliveries", "Deliveries that failed for good.", {(): self.dead_letter})
+        now = self._now
+        yield _gauge("webhookd_queue_depth", "Jobs accepted and not yet through inference (queued, or in a worker's"
+                     " batch).", {(): now.queue_depth})
+        yield _gauge("webhookd_deliveries_scheduled", "Deliveries waiting for a retry.", {(): now.scheduled})
+        yield _gauge("webhookd_attempts_in_flight", "Delivery attempts under way.", {(): now.in_flight})
+        yield _gauge("webhookd_oldest_due_delivery_seconds", "How long the oldest delivery that is due has waited"
+                     " for a slot (0: none waits): how far behind the service is.", {(): now.oldest_due})
+        yield self.attempt_seconds.family("webhookd_attempt_duration_seconds", "How long delivery attempts took.")
+        yield self.delivery_seconds.family("webhookd_delivery_latency_seconds",
+                                           "Submission to the 2xx that delivered the webhook.")
+        yield self.batch_seconds.family("webhookd_inference_batch_duration_seconds", "How long a batch of jobs took"
+                                        " in the model.")
+        yield self.inference_seconds.family("webhookd_inference_job_duration_seconds", "What a job cost the model:"
+                                            " its batch's time over its jobs.")
+        timings = HistogramMetricFamily("webhookd_http_request_duration_seconds", "How long API requests took,"
+                                        " by route.", labels=["route"])
+        for route, timing in sorted(self.request_seconds.items()):
+            timings.add_metric([route], *timing.buckets())
+        yield timings
+
+
+class Gauges(NamedTuple):
+    """What /metrics reads of the engine and the workers at a scrape."""
+
+    queue_depth: int
+    scheduled: int
+    in_flight: int
+    oldest_due: float
+
+
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class Histogram:
-    """A Prometheus histogram of seconds."""
+    """A histogram of seconds, kept as plain counts: an observation costs a bisection and two adds."""
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self._buckets = buckets
@@ -2029,16 +2067,33 @@ class Histogram:
         self._count += 1
         self._counts[bisect.bisect_left(self._buckets, seconds)] += 1
 
-    def lines(self, name: str, help: str) -> list[str]:
-        """The histogram in the text exposition format."""
-        return [
-            f"# HELP {name} {help}",
-            f"# TYPE {name} histogram",
-            *(f'{name}_bucket{{le="{b}"}} {n}' for b, n in zip(self._buckets, itertools.accumulate(self._counts))),
-            f'{name}_bucket{{le="+Inf"}} {self._count}',
-            f"{name}_sum {self._sum:.6f}",
-            f"{name}_count {self._count}",
-        ]
+    def buckets(self) -> tuple[list[tuple[str, float]], float]:
+        """(cumulative buckets, +Inf last; the sum), as prometheus_client's HistogramMetricFamily takes them."""
+        cumulative = itertools.accumulate(self._counts)
+        return [(floatToGoString(b), n) for b, n in zip((*self._buckets, math.inf), cumulative)], self._sum
+
+    def family(self, name: str, help: str) -> HistogramMetricFamily:
+        """The histogram as a metric family."""
+        buckets, total = self.buckets()
+        return HistogramMetricFamily(name, help, buckets=buckets, sum_value=total)
+
+
+def _counter(name: str, help: str, samples: dict[tuple[tuple[str, str], ...], float]) -> CounterMetricFamily:
+    return _family(CounterMetricFamily(name, help, labels=_label_names(samples)), samples)
+
+
+def _gauge(name: str, help: str, samples: dict[tuple[tuple[str, str], ...], float]) -> GaugeMetricFamily:
+    return _family(GaugeMetricFamily(name, help, labels=_label_names(samples)), samples)
+
+
+def _label_names(samples: dict[tuple[tuple[str, str], ...], float]) -> list[str]:
+    return [name for name, _ in next(iter(samples), ())]
+
+
+def _family(family: Any, samples: dict[tuple[tuple[str, str], ...], float]) -> Any:
+    for labels, value in samples.items():
+        family.add_metric([value for _, value in labels], value)
+    return family
 
 
 def _capped(seen: set[str], value: str, most: int) -> str:
@@ -2046,10 +2101,6 @@ def _capped(seen: set[str], value: str, most: int) -> str:
     if value not in seen and len(seen) < most:
         seen.add(value)
     return value if value in seen else "other"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 # ---------------------------------------------------------------------------
@@ -2326,7 +2377,7 @@ class DeliveryEngine:
         self._timers: list[tuple[float, str]] = []
         self._timer_wake = asyncio.Event()
         self._active: set[str] = set()  # job ids with a round under way
-        self._queues: dict[str, deque[Delivery]] = {}
+        self._queues: dict[str, deque[tuple[float, Delivery]]] = {}  # by receiver: (due since, monotonic)
         self._due_by_client: Counter[str] = Counter()
         self._busy: Counter[str] = Counter()
         self._ready: OrderedDict[str, None] = OrderedDict()  # receivers with work and a free slot
@@ -2351,6 +2402,12 @@ class DeliveryEngine:
     def due(self) -> int:
         """Attempts due and waiting for a slot."""
         return sum(map(len, self._queues.values()))
+
+    @property
+    def oldest_due(self) -> float:
+        """Seconds the oldest attempt that is due has waited for a slot; 0 if none waits."""
+        now = time.monotonic()
+        return now - min((queue[0][0] for queue in self._queues.values() if queue), default=now)
 
     def held(self, client: str) -> int:
         """A client's attempts due and waiting for a slot."""
@@ -2398,7 +2455,7 @@ class DeliveryEngine:
         """Attempt a delivery as soon as a slot for its receiver is free."""
         self._active.add(delivery.job_id)
         receiver = _target_or_invalid(delivery.url).receiver
-        self._queues.setdefault(receiver, deque()).append(delivery)
+        self._queues.setdefault(receiver, deque()).append((time.monotonic(), delivery))
         self._due_by_client[delivery.client] += 1
         self._mark_ready(receiver)
         self._start_attempts()
@@ -2466,7 +2523,7 @@ class DeliveryEngine:
             receiver, _ = self._ready.popitem(last=False)
             if not self._has_room(receiver):  # the slow receivers' share filled up meanwhile
                 continue
-            delivery = self._queues[receiver].popleft()
+            _, delivery = self._queues[receiver].popleft()
             self._due_by_client[delivery.client] -= 1
             slow = receiver not in self._fast
             self._busy[receiver] += 1
@@ -2894,6 +2951,12 @@ class InferenceWorkers:
             self._engine.send(delivery)
 
     async def _predict(self, texts: list[str]) -> list[dict[str, Any] | Exception]:
+        started = time.perf_counter()
+        outcomes = await self._predict_here_or_in_threads(texts)
+        self._metrics.batch_predicted(len(texts), time.perf_counter() - started)
+        return outcomes
+
+    async def _predict_here_or_in_threads(self, texts: list[str]) -> list[dict[str, Any] | Exception]:
         if sum(map(len, texts)) <= self._inline_chars and all(map(str.isascii, texts)):
             return predict_all(self._model, texts)
         loop = asyncio.get_running_loop()
@@ -3261,8 +3324,8 @@ async def metrics(request: web.Request) -> web.Response:
     _require_operator_view(request)
     app = request.app
     engine = app[ENGINE]
-    text = app[METRICS].render(app[WORKERS].depth, engine.scheduled, engine.in_flight)
-    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+    text = app[METRICS].render(Gauges(app[WORKERS].depth, engine.scheduled, engine.in_flight, engine.oldest_due))
+    return web.Response(body=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 
 
@@ -3358,7 +3421,18 @@ async def _changed(request: web.Request, change: Awaitable[dict[str, Any]], stat
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Every error becomes {"error": ...} JSON; nothing a client sends makes a 5xx."""
+    """Every error becomes {"error": ...} JSON; nothing a client sends makes a 5xx. Every answer,
+    errors included, is counted and timed by route."""
+    started = time.perf_counter()
+    answer = await _answer_or_error(request, handler)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "other"  # unknown paths: one label, not one each
+    request.app[METRICS].request_answered(route, answer.status, time.perf_counter() - started)
+    return answer
+
+
+async def _answer_or_error(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                           ) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as exc:
