@@ -3695,3 +3695,118 @@ async def answer_to_unsigned(url: str) -> int | None:
         async with aiohttp.ClientSession() as session, session.post(url, data=b"{}") as response:
             return response.status
     return None
+
+
+# ---------------------------------------------------------------------------
+# The benchmark (python webhookd.py bench)
+# ---------------------------------------------------------------------------
+
+
+def run_bench(*args: str, tmp_path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """python webhookd.py bench, off a terminal; with tmp_path, its temporary files go there."""
+    env = child_environment() | ({"TMPDIR": str(tmp_path)} if tmp_path else {})
+    return subprocess.run([sys.executable, str(HERE / "webhookd.py"), "bench", *args], cwd=HERE,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def bench_figures(out: str) -> dict[str, str]:
+    """The report's `name  value` lines, by name, after the line that says what is measured."""
+    return dict(line.split(None, 1) for line in out.splitlines()[1:])
+
+
+def assert_all_delivered_once(done: subprocess.CompletedProcess[str], jobs: int) -> dict[str, str]:
+    assert done.returncode == 0 and done.stderr == "", done.stdout + done.stderr
+    assert "\r" not in done.stdout  # off a terminal, no progress line
+    figures = bench_figures(done.stdout)
+    assert re.fullmatch(rf"{jobs} in [\d.]+ s: [\d.]+/s \(busy answers waited out: \d+\)", figures["accepted"])
+    assert re.fullmatch(rf"{jobs} in [\d.]+ s: [\d.]+/s", figures["delivered"])
+    p50, p90, p99 = (float(ms) for ms in re.findall(r"p(?:50|90|99) ([\d.]+) ms", figures["latency"]))
+    assert 0 < p50 <= p90 <= p99
+    assert figures["lost"] == "0" and figures["duplicates"] == "0"
+    return figures
+
+
+def test_bench_starts_its_own_service_reports_every_job_delivered_once_and_stops_it(tmp_path: Path) -> None:
+    done = run_bench("--start", "-n", "200", "--concurrency", "8", tmp_path=tmp_path)
+    assert_all_delivered_once(done, 200)
+    url = re.search(r"to (http://\S+) \(started for this run\)", done.stdout.splitlines()[0])[1]
+    host, port = url.removeprefix("http://").split(":")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), timeout=DEADLINE).close()
+    assert list(tmp_path.iterdir()) == []  # its db and folder removed
+
+
+def test_bench_measures_a_running_service_with_its_api_key(tmp_path: Path) -> None:
+    child = ServiceProcess(str(tmp_path / "bench.db"), "--api-key", OPERATOR_KEY)
+    try:
+        done = run_bench("--url", child.url, "-n", "100", "--api-key", OPERATOR_KEY)
+        without_key = run_bench("--url", child.url, "-n", "100")
+    finally:
+        child.process.kill()
+        child.process.communicate()
+    assert_all_delivered_once(done, 100)
+    assert without_key.returncode == 2 and without_key.stderr.count("\n") == 1
+    assert "answered 401" in without_key.stderr and "--api-key" in without_key.stderr
+
+
+def test_bench_waits_out_a_busy_service_and_sends_the_same_job_again(tmp_path: Path) -> None:
+    # Past a backlog of one the service answers 503 with Retry-After; without waiting and sending
+    # again, the run would end with an error instead of every job accepted.
+    child = ServiceProcess(str(tmp_path / "bench.db"), "--max-backlog", "1", "--workers", "1",
+                           "--model", "test_webhookd:ten_ms_model")
+    try:
+        done = run_bench("--url", child.url, "-n", "24", "--concurrency", "8")
+    finally:
+        child.process.kill()
+        child.process.communicate()
+    figures = assert_all_delivered_once(done, 24)
+    assert int(re.search(r"busy answers waited out: (\d+)", figures["accepted"])[1]) > 0
+
+
+async def test_bench_counts_the_webhooks_a_service_loses_and_the_ones_it_repeats(aiohttp_server: AiohttpServer) -> None:
+    # A stand-in for webhookd that accepts every job, then sends the webhooks of a third of them
+    # never, of a third once and of a third twice.
+    import aiohttp
+
+    sending: list[asyncio.Task[None]] = []
+
+    async def send(url: str, job_id: str, copies: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(copies):
+                async with session.post(url, json={"job_id": job_id, "status": "completed"}) as response:
+                    assert response.status == 200
+
+    async def predict(request: web.Request) -> web.Response:
+        job_id, copies = f"job-{len(sending)}", len(sending) % 3
+        sending.append(asyncio.ensure_future(send((await request.json())["webhook_url"], job_id, copies)))
+        return web.json_response({"job_id": job_id}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/predict", predict)
+    server = await aiohttp_server(app)
+    done = await asyncio.to_thread(run_bench, "--url", str(server.make_url("/")), "-n", "30", "--wait", "2")
+    await asyncio.gather(*sending)
+    assert done.returncode == 1, done.stdout + done.stderr
+    figures = bench_figures(done.stdout)
+    assert figures["delivered"].startswith("20 in ") and figures["lost"] == "10" and figures["duplicates"] == "10"
+
+
+def test_bench_says_in_one_line_that_it_cannot_reach_the_service() -> None:
+    done = run_bench("--url", f"http://127.0.0.1:{_free_port()}", "-n", "10")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("webhookd bench: cannot reach http://127.0.0.1:") and "Traceback" not in done.stderr
+
+
+def test_bench_says_in_one_line_that_the_service_refuses_its_loopback_receiver(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "webhookd.py"), "serve", "--port", "0", "--db", str(tmp_path / "bench.db"),
+         "--log-level", "warning"],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_environment(),
+    )
+    try:
+        done = run_bench("--url", ServiceProcess.wait_for_url(process), "-n", "10")
+    finally:
+        process.kill()
+        process.communicate()
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "--allow-private-urls" in done.stderr

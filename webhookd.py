@@ -2,9 +2,10 @@
 """webhookd: runs a sentiment model on submitted text and tells the client by signed webhook.
 
     pip install -r requirements.txt
-    python webhookd.py            # serve on http://127.0.0.1:8000, data in ./webhookd.db
-    python webhookd.py receive    # a verifying receiver on http://127.0.0.1:9000/callback
-    pytest                        # the test suite
+    python webhookd.py                # serve on http://127.0.0.1:8000, data in ./webhookd.db
+    python webhookd.py receive        # a verifying receiver on http://127.0.0.1:9000/callback
+    python webhookd.py bench --start  # jobs/s and submit-to-webhook latency, on a webhookd of its own
+    pytest                            # the test suite
 
 A client POSTs {"text", "webhook_url"} to /predict and gets a job id at once. Inference
 workers fed by an asyncio.Queue run the model; the delivery engine POSTs the result to the
@@ -50,11 +51,15 @@ import re
 import secrets
 import socket
 import sqlite3
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections import Counter, OrderedDict, defaultdict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
@@ -4646,20 +4651,238 @@ def _print_webhook(entry: dict[str, Any], can_verify: bool) -> None:
 
 
 # ---------------------------------------------------------------------------
+# The benchmark (python webhookd.py bench)
+# ---------------------------------------------------------------------------
+
+
+BENCH_TEXT = "The parcel came a day early and the support team was lovely."
+MOST_RETRY_AFTER = 5.0  # seconds: a polite client waits as asked, but one answer must not stall the run
+
+
+class BenchError(Exception):
+    """What stops a benchmark run, said in one line."""
+
+
+@dataclass
+class BenchRun:
+    """What one run saw: when each accepted job was sent, and when its webhooks arrived."""
+
+    started: float = 0.0
+    last_accepted: float = 0.0
+    busy: int = 0  # 429 and 503 answers, each waited out and its job sent again
+    sent: dict[str, float] = field(default_factory=dict)
+    arrivals: defaultdict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def delivered(self) -> int:
+        """Accepted jobs whose webhook arrived at least once."""
+        return len(self.sent.keys() & self.arrivals.keys())
+
+    @property
+    def lost(self) -> int:
+        """Accepted jobs whose webhook never arrived."""
+        return len(self.sent) - self.delivered
+
+
+def bench_receiver(run: BenchRun) -> web.Application:
+    """A receiver that notes when each job's webhook arrives, and answers 200."""
+    async def webhook(request: web.Request) -> web.Response:
+        arrived = time.perf_counter()
+        try:
+            job_id = json.loads(await request.read())["job_id"]
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(text="not a webhook of webhookd's") from None
+        run.arrivals[job_id].append(arrived)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/webhook", webhook)
+    return app
+
+
+async def run_bench(url: str, jobs: int, concurrency: int, wait: float, api_key: str | None,
+                    progress: bool) -> BenchRun:
+    """Submit `jobs` jobs to the webhookd at `url` from closed-loop submitters; note what arrives."""
+    run = BenchRun()
+    receiver = web.AppRunner(bench_receiver(run), access_log=None)
+    await receiver.setup()
+    shown = asyncio.ensure_future(_show_progress(run, jobs)) if progress else None
+    try:
+        await web.TCPSite(receiver, "127.0.0.1", 0).start()
+        webhook_url = f"http://127.0.0.1:{receiver.addresses[0][1]}/webhook"
+        body = json.dumps({"text": BENCH_TEXT, "webhook_url": webhook_url}).encode()
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=60, connect=10)) as session:
+            run.started = time.perf_counter()
+            await _submit_all(session, url, body, run, iter(range(jobs)), concurrency)
+        while run.lost and time.perf_counter() < run.last_accepted + wait:
+            await asyncio.sleep(0.05)
+    finally:
+        if shown:
+            shown.cancel()
+            await asyncio.gather(shown, return_exceptions=True)
+        await receiver.cleanup()
+    return run
+
+
+async def _submit_all(session: aiohttp.ClientSession, url: str, body: bytes, run: BenchRun,
+                      numbers: Iterator[int], concurrency: int) -> None:
+    # One submitter's error ends the run: the others are stopped, not left sending.
+    submitters = [asyncio.ensure_future(_submit(session, url, body, run, numbers)) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*submitters)
+    finally:
+        for submitter in submitters:
+            submitter.cancel()
+        await asyncio.gather(*submitters, return_exceptions=True)
+
+
+async def _submit(session: aiohttp.ClientSession, url: str, body: bytes, run: BenchRun,
+                  numbers: Iterator[int]) -> None:
+    """One closed-loop submitter: a job, its answer, then the next job, until none are left."""
+    for _ in numbers:
+        await _submit_job(session, url, body, run)
+
+
+async def _submit_job(session: aiohttp.ClientSession, url: str, body: bytes, run: BenchRun) -> None:
+    """Send one job until it is accepted, waiting out each 429 or 503 as its Retry-After asks."""
+    while True:
+        sent = time.perf_counter()
+        status, retry_after, answer = await _post_job(session, url, body)
+        if status == 202:
+            run.sent[answer["job_id"]] = sent
+            run.last_accepted = time.perf_counter()
+            return
+        if status not in (429, 503):
+            raise _refusal(url, status, answer.get("error", ""))
+        run.busy += 1
+        await asyncio.sleep(min(parse_retry_after(retry_after, time.time()) or 1.0, MOST_RETRY_AFTER))
+
+
+async def _post_job(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, str | None, dict[str, Any]]:
+    try:
+        async with session.post(url + "/predict", data=body) as response:
+            answer = await response.json(content_type=None)
+    except aiohttp.ClientConnectorError as exc:
+        # The socket's own words ("Connect call failed ...") repeat the address; the errno's do not.
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+        raise BenchError(f"cannot reach {url}: {reason} (is webhookd running there? or use bench --start)") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise BenchError(f"{url}/predict did not answer: {exc or type(exc).__name__}") from None
+    except ValueError:
+        raise BenchError(f"{url}/predict answered {response.status} without JSON: is it webhookd?") from None
+    if not isinstance(answer, dict):
+        raise BenchError(f"{url}/predict answered {response.status} with JSON that is not webhookd's")
+    return response.status, response.headers.get("Retry-After"), answer
+
+
+def _refusal(url: str, status: int, error: str) -> BenchError:
+    if "--allow-private-urls" in error:
+        return BenchError(f"{url} refuses webhooks to this machine's 127.0.0.1, where the benchmark receives"
+                          " them: start it with --allow-private-urls, or use bench --start")
+    hint = "; give its key with --api-key (or WEBHOOKD_API_KEY)" if status == 401 else ""
+    return BenchError(f"{url}/predict answered {status}: {error}{hint}")
+
+
+async def _show_progress(run: BenchRun, jobs: int) -> None:
+    # At most four times a second: a terminal redrawn faster only costs the run CPU.
+    line = ""
+    try:
+        while True:
+            line = f"\raccepted {len(run.sent)}/{jobs}, delivered {run.delivered}"
+            print(line, end="", flush=True)
+            await asyncio.sleep(0.25)
+    finally:
+        print("\r" + " " * len(line) + "\r", end="", flush=True)
+
+
+def bench_report(run: BenchRun) -> str:
+    """The figures of a run, one to a line, as `name  value`."""
+    delivered = run.sent.keys() & run.arrivals.keys()
+    latencies = sorted((run.arrivals[job_id][0] - run.sent[job_id]) * 1000 for job_id in delivered)
+    submit_window = run.last_accepted - run.started
+    # Neither window is 0: a run that ends without an error has accepted a job, after sending it.
+    delivery_window = max((run.arrivals[job_id][0] for job_id in delivered), default=run.last_accepted) - run.started
+    lines = [
+        f"accepted    {len(run.sent)} in {submit_window:.2f} s: {len(run.sent) / submit_window:.1f}/s"
+        f" (busy answers waited out: {run.busy})",
+        f"delivered   {len(delivered)} in {delivery_window:.2f} s: {len(delivered) / delivery_window:.1f}/s",
+        "latency     " + (", ".join(f"p{p} {_percentile(latencies, p):.1f} ms" for p in (50, 90, 99))
+                          if latencies else "none delivered") + " (submit to webhook)",
+        f"lost        {run.lost}",
+        f"duplicates  {sum(len(run.arrivals[job_id]) > 1 for job_id in delivered)}",
+    ]
+    return "\n".join(lines)
+
+
+def _percentile(ordered: list[float], percent: int) -> float:
+    # Nearest rank: a value that was measured, never one interpolated between two.
+    return ordered[max(0, math.ceil(percent / 100 * len(ordered)) - 1)]
+
+
+@contextlib.contextmanager
+def started_service() -> Iterator[str]:
+    """A webhookd of the benchmark's own, in a child process on a temporary db, stopped at the end; its URL."""
+    with tempfile.TemporaryDirectory(prefix="webhookd-bench-") as folder:
+        port = _free_port()
+        with open(os.path.join(folder, "stderr.txt"), "w+", encoding="utf-8") as errors:
+            # Its other settings come from WEBHOOKD_* variables, as any serve's do.
+            child = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "serve", "--host", "127.0.0.1", "--port", str(port),
+                 "--db", os.path.join(folder, "bench.db"), "--allow-private-urls", "--log-level", "warning"],
+                stdout=subprocess.DEVNULL, stderr=errors,
+            )
+            try:
+                url = f"http://127.0.0.1:{port}"
+                _wait_until_up(child, url, errors)
+                yield url
+            finally:
+                child.terminate()
+                try:
+                    child.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until_up(child: subprocess.Popen[bytes], url: str, errors: Any) -> None:
+    deadline = time.monotonic() + 30
+    while child.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1).close()
+            return
+        except urllib.error.HTTPError:  # it answers, if unwell: the run will say how
+            return
+        except OSError:
+            time.sleep(0.05)
+    errors.seek(0)
+    said = errors.read().strip().splitlines() or ["it did not answer within 30 s"]
+    raise BenchError(f"the webhookd started for the run did not come up: {said[-1]}")
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line, with WEBHOOKD_<OPTION> variables as defaults."""
-    if not argv or argv[0] not in ("serve", "receive"):
+    if not argv or argv[0] not in ("serve", "receive", "bench"):
         argv = ["serve", *argv]
     parser = argparse.ArgumentParser(prog="webhookd.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(
         "serve", help="run the service (the default)",
-        epilog="python webhookd.py receive --help: the verifying receiver for manual tests",
+        epilog="python webhookd.py receive --help: the verifying receiver for manual tests;"
+               " python webhookd.py bench --help: the benchmark",
     )
     _option(serve, "--host", "127.0.0.1", "listen address")
     _option(serve, "--port", 8000, "listen port (0: any free port; the chosen one is printed)", int)
@@ -4703,6 +4926,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     _option(receive, "--secret", None, "the service's secret(s); default: read from --db")
     _option(receive, "--db", "webhookd.db", "where to find the generated secret when --secret is not given")
     _option(receive, "--fail-first", 0, "answer 500 to the first N attempts of each webhook", int)
+
+    bench = commands.add_parser(
+        "bench", help="measure a webhookd: jobs/s, submit-to-webhook latency, lost and duplicate webhooks",
+        description="Submit jobs whose webhooks go to a receiver of the benchmark's own on 127.0.0.1, and"
+                    " print accepted/s, delivered/s, the p50/p90/p99 submit-to-webhook latency and the"
+                    " jobs lost and delivered twice. Exit 0 if none was lost, 1 if some were, 2 on an error.",
+    )
+    target = bench.add_mutually_exclusive_group()
+    target.add_argument("--url", default="http://127.0.0.1:8000",
+                        help="a running webhookd on this machine, with --allow-private-urls (default %(default)s)")
+    target.add_argument("--start", action="store_true",
+                        help="start a webhookd of its own on a temporary db instead, and stop it at the end")
+    bench.add_argument("-n", "--jobs", type=int, default=2000, help="jobs to submit (default %(default)s)")
+    bench.add_argument("--concurrency", type=int, default=32,
+                       help="submitters, each sending its next job when the last is answered (default %(default)s)")
+    bench.add_argument("--wait", type=float, default=30.0,
+                       help="seconds after the last submit to wait for webhooks; any not arrived by then are lost"
+                            " (default %(default)s)")
+    _option(bench, "--api-key", None, "the key to send, as Authorization: Bearer <key>")
     return parser.parse_args(argv)
 
 
@@ -4780,7 +5022,7 @@ def _retry_policy_of(args: argparse.Namespace) -> RetryPolicy:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `serve`, `receive` or `clients`."""
+    """Run `serve`, `receive`, `bench` or `clients`."""
     argv = sys.argv[1:] if argv is None else argv
     db, rest = _without_db(argv)
     if rest[:1] == ["clients"]:
@@ -4788,6 +5030,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "receive":
         return _receive(args)
+    if args.command == "bench":
+        return _bench(args)
     try:
         config = config_from_args(args)
         load_model(config.model)
@@ -4881,6 +5125,29 @@ def _receive(args: argparse.Namespace) -> int:
           f" GET /callbacks lists them", flush=True)
     return _run(create_receiver(keys, args.fail_first), host=args.host, port=args.port,
                 access_log=None, print=None)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.jobs < 1 or args.concurrency < 1 or args.wait < 0:
+        print("webhookd bench: --jobs and --concurrency must be 1 or more, and --wait 0 or more", file=sys.stderr)
+        return 2
+    if not args.url.startswith(("http://", "https://")):
+        print(f"webhookd bench: --url {args.url!r} must begin with http:// or https://", file=sys.stderr)
+        return 2
+    try:
+        with started_service() if args.start else contextlib.nullcontext(args.url.rstrip("/")) as url:
+            print(f"webhookd bench: {args.jobs} jobs, {args.concurrency} at a time, to {url}"
+                  + (" (started for this run)" if args.start else ""), flush=True)
+            # The standard loop: uvloop measured no difference on this side, and asyncio.run's
+            # Ctrl-C cancels the run, so that it stops its submitters and receiver in order.
+            run = asyncio.run(run_bench(url, args.jobs, args.concurrency, args.wait, args.api_key, sys.stdout.isatty()))
+    except BenchError as exc:
+        print(f"webhookd bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(bench_report(run))
+    return 0 if run.lost == 0 else 1
 
 
 def _secret_in_db(db: str) -> list[str]:
