@@ -594,6 +594,9 @@ def test_a_retry_schedule_spells_waits_in_units_and_refuses_what_it_cannot_use()
             webhookd.parse_retry_schedule(bad)
     with pytest.raises(ValueError, match="over --backoff-max"):
         webhookd.config_from_args(webhookd.parse_args(["--retry-schedule", "1m,2h", "--backoff-max", "3600"]))
+    day = webhookd.config_from_args(webhookd.parse_args(["--retry-schedule", "5s,5m,30m,2h,5h,10h,10h",
+                                                          "--backoff-max", "10h"]))
+    assert day.retry.backoff_max == 36000 and sum(webhookd.retry_schedule(day.retry)) == 99305
     config = webhookd.config_from_args(webhookd.parse_args(["--retry-schedule", "5s,5m,30m", "--max-retries", "9"]))
     policy = config.retry
     assert policy.max_retries == 3 and webhookd.retry_schedule(policy) == [5, 300, 1800]  # the schedule's length wins

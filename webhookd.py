@@ -177,18 +177,20 @@ def parse_retry_schedule(text: str) -> tuple[float, ...]:
     entries = text.split(",")
     if len(entries) > MAX_SCHEDULE:
         raise ValueError(f"--retry-schedule has {len(entries)} waits; at most {MAX_SCHEDULE}")
-    waits = []
-    for entry in entries:
-        entry = entry.strip()
-        number, unit = (entry[:-1], entry[-1]) if entry[-1:] in WAIT_UNITS else (entry, "s")
-        try:
-            wait = float(number) * WAIT_UNITS[unit]
-        except ValueError:
-            raise ValueError(f"--retry-schedule: {entry!r} is not a wait like 30s, 5m, 2h or 1d") from None
-        if not 0 < wait < math.inf:
-            raise ValueError(f"--retry-schedule: {entry!r} is not a positive wait")
-        waits.append(wait)
-    return tuple(waits)
+    return tuple(parse_wait(entry, "--retry-schedule") for entry in entries)
+
+
+def parse_wait(text: str, flag: str) -> float:
+    """Seconds of a wait such as 30s, 5m, 2h, 1d or 0.5 (seconds); ValueError names the flag."""
+    entry = text.strip()
+    number, unit = (entry[:-1], entry[-1]) if entry[-1:] in WAIT_UNITS else (entry, "s")
+    try:
+        wait = float(number) * WAIT_UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{flag}: {entry!r} is not a wait like 30s, 5m, 2h or 1d") from None
+    if not 0 < wait < math.inf:
+        raise ValueError(f"{flag}: {entry!r} is not a positive wait")
+    return wait
 
 
 @dataclass(frozen=True)
@@ -4895,7 +4897,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     _option(serve, "--max-retries", 3, "retries after the first attempt", int)
     _option(serve, "--backoff-base", 1.0, "seconds before retry 1; retry k waits base * factor^(k-1)", float)
     _option(serve, "--backoff-factor", 2.0, "growth per retry", float)
-    _option(serve, "--backoff-max", 3600.0, "cap on any single wait, Retry-After included", float)
+    _option(serve, "--backoff-max", "3600", "cap on any single wait, Retry-After included (seconds, or 10h)")
     _option(serve, "--backoff-jitter", 0.0, "spread each wait by up to +- this fraction (0..1)", float)
     _option(serve, "--retry-schedule", None,
             "the waits before each retry, e.g. 5s,5m,30m,2h,5h,10h,10h (units s, m, h, d); replaces"
@@ -5013,12 +5015,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _retry_policy_of(args: argparse.Namespace) -> RetryPolicy:
+    backoff_max = parse_wait(args.backoff_max, "--backoff-max")
     if args.retry_schedule is None:
-        return RetryPolicy(args.max_retries, args.backoff_base, args.backoff_factor, args.backoff_max,
-                           args.backoff_jitter)
+        return RetryPolicy(args.max_retries, args.backoff_base, args.backoff_factor, backoff_max, args.backoff_jitter)
     schedule = parse_retry_schedule(args.retry_schedule)
-    return RetryPolicy(len(schedule), backoff_max=args.backoff_max, backoff_jitter=args.backoff_jitter,
-                       schedule=schedule)
+    return RetryPolicy(len(schedule), backoff_max=backoff_max, backoff_jitter=args.backoff_jitter, schedule=schedule)
 
 
 def main(argv: list[str] | None = None) -> int:
