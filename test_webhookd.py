@@ -785,8 +785,10 @@ async def test_status_shows_pending_retrying_and_the_whole_history(
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
     assert [a["success"] for a in attempts] == [False, False, True]
     assert [a["error"] for a in attempts] == ["HTTP 500", "HTTP 502", None]
+    assert [a["redelivery"] for a in attempts] == [False, False, False]  # retries, not redeliveries
     for attempt in attempts:
-        assert set(attempt) == {"attempt", "timestamp", "status_code", "success", "error", "duration_ms", "response"}
+        assert set(attempt) == {"attempt", "timestamp", "status_code", "success", "error", "duration_ms", "redelivery",
+                                "response"}
         assert attempt["timestamp"].endswith("Z") and attempt["duration_ms"] >= 0
 
 
@@ -884,6 +886,28 @@ async def test_redelivery_gets_a_fresh_round_of_retries_and_leaves_the_dead_lett
     assert [a["status_code"] for a in status["attempts"]] == [500, 500, 500, 200]
     assert status["delivery_status"] == "delivered"
     assert "webhookd_dead_letter_deliveries 0" in await (await service.get("/metrics")).text()
+
+
+async def redelivered_twice(service: TestClient, make_receiver: Callable[..., Any]) -> tuple[str, dict[str, Any]]:
+    """A job whose round (of 2 attempts) failed, got a bulk redelivery (of 2 attempts), then a
+    manual one (of 1); its id and its status, with all 5 attempts. The service allows 1 retry."""
+    receiver = await make_receiver(answer_status(500, 500, 500))
+    job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(service, job_id, "failed")
+    assert (await service.post("/webhooks/redeliver", json={"since": "2020-01-01T00:00:00Z"})).status == 202
+    await wait_for_status(service, job_id, "delivered")
+    assert (await service.post(f"/webhooks/{job_id}/redeliver")).status == 202
+    return job_id, await wait_until(lambda: attempts_at_least(service, job_id, 5), "the manual round")
+
+
+@both_stores
+async def test_the_status_marks_the_attempt_that_starts_each_redelivery_round(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=1))
+    _, status = await redelivered_twice(service, make_receiver)
+    assert [(a["status_code"], a["redelivery"]) for a in status["attempts"]] == [
+        (500, False), (500, False), (500, True), (200, False), (200, True)]
 
 
 @both_stores
@@ -1007,6 +1031,47 @@ async def test_the_job_list_filters_and_pages_newest_first(
                         ("?limit=0", "limit"), ("?before=xyz", "before"), ("?q=%3Cb%3E", "q")):
         status, body = await listed(query)
         assert status == 400 and word in body["error"], (query, body)
+
+
+@both_stores
+async def test_the_job_list_filters_by_receiver_host_or_host_and_port(
+    loopback_dns: None, make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=0))
+    ok, failing = await make_receiver(), await make_receiver(answer_status(500))
+    port = ok.server.port
+    urls = {
+        "plain": f"http://hooks.example.com:{port}/a", "capitals": f"HTTP://HOOKS.Example.com:{port}",
+        "query": f"http://hooks.example.com:{port}?to=x", "sub": f"http://sub.hooks.example.com:{port}/",
+        "longer": f"http://hooks.example.community:{port}/", "in_query": f"http://other.example:{port}/?to=http://hooks.example.com/",
+        "underscore": f"http://hooks_x.example:{port}/", "dash": f"http://hooks-x.example:{port}/",
+        "down": f"http://down.example:{failing.server.port}/",
+    }
+    jobs = {name: (await submit(service, webhook_url=url))["job_id"] for name, url in urls.items()}
+    for name, job_id in jobs.items():
+        await wait_for_status(service, job_id, "failed" if name == "down" else "delivered")
+    default_port = (await submit(service, webhook_url="http://hooks.example.com/b"))["job_id"]  # port 80
+
+    async def listed(query: str) -> set[str]:
+        response = await service.get("/jobs?" + query)
+        assert response.status == 200, await response.text()
+        return {job["job_id"] for job in (await response.json())["jobs"]}
+
+    def named(*names: str) -> set[str]:
+        return {jobs[name] for name in names}
+
+    assert await listed("receiver=hooks.example.com") == {*named("plain", "capitals", "query"), default_port}
+    assert await listed(f"receiver=Hooks.Example.com:{port}") == named("plain", "capitals", "query")
+    assert await listed("receiver=hooks.example.com:80") == {default_port}
+    assert await listed("receiver=hooks_x.example") == named("underscore")
+    assert await listed(f"receiver=hooks.example.com:{port}&status=completed&delivery_status=delivered") \
+        == named("plain", "capitals", "query")
+    assert await listed("receiver=down.example&delivery_status=failed,pending") == named("down")
+    assert await listed(f"receiver=hooks.example.com:{port}&delivery_status=failed,pending") == set()
+    for wrong in ("", "http://hooks.example.com", "hooks.example.com/a", "hooks.example.com:0",
+                  "hooks.example.com:65536", "hooks%25", "a%20b", "a..b"):
+        response = await service.get("/jobs?receiver=" + wrong)
+        assert response.status == 400 and "receiver" in (await response.json())["error"], wrong
 
 
 @both_stores
@@ -2780,6 +2845,7 @@ async def test_a_flooding_client_is_told_to_wait_and_delays_another_by_about_a_b
         assert workers.queue.held("flood") > 0
 
 
+@both_stores
 async def test_a_database_of_webhookd_1_1_is_upgraded_and_its_jobs_are_the_operators(
     make_service: Callable[..., Any], config: Config, tmp_path: Path
 ) -> None:
@@ -2787,13 +2853,23 @@ async def test_a_database_of_webhookd_1_1_is_upgraded_and_its_jobs_are_the_opera
     store = await old.open_store(config.db, old.Loops(), 2.0)
     await store.add_job(old.Job("job-" + "1" * 32, "left by 1.1", None, None, time.time()), "order-1", "h")
     await store.close()
+    redelivered, url = "job-" + "2" * 32, "http://127.0.0.1:9/hook"  # in its second round, the one it still knows
+    await query(config.db, "INSERT INTO jobs (id, text, webhook_url, status, created_at) VALUES (?, 'x', ?, 'completed', 1)",
+                redelivered, url)
+    await query(config.db, "INSERT INTO deliveries (job_id, url, payload, status, attempts, round_start)"
+                " VALUES (?, ?, ?, 'delivered', 2, 1)", redelivered, url, b"{}")
+    for number in (1, 2):
+        await query(config.db, "INSERT INTO attempts (job_id, attempt, at, status_code, duration_ms) VALUES (?, ?, ?, 200, 1)",
+                    redelivered, number, float(number))
     service = await make_service(api_key=OPERATOR_KEY)
+    attempts = (await delivery_status(service, redelivered))["attempts"]
+    assert [attempt["redelivery"] for attempt in attempts] == [False, True]
     job = await (await service.get("/jobs/job-" + "1" * 32, headers=OPERATOR)).json()
     assert job["client"] is None and job["job_id"] == "job-" + "1" * 32
     key = (await new_client(service, "acme"))["api_key"]["key"]
     assert (await service.get("/jobs/job-" + "1" * 32, headers=bearer(key))).status == 404
     assert (await (await service.get("/jobs", headers=bearer(key))).json())["jobs"] == []
-    assert await query(config.db, "SELECT value FROM settings WHERE name = 'schema_version'") == [("3",)]
+    assert await query(config.db, "SELECT value FROM settings WHERE name = 'schema_version'") == [("4",)]
 
 
 def webhookd_1_1(tmp_path: Path) -> Any:

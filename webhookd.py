@@ -351,7 +351,9 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 # Storage
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 3  # 1 was webhookd 1.0's SQLite schema (no owners, no instances); 2, 1.1's (no clients)
+# 1 was webhookd 1.0's SQLite schema (no owners, no instances); 2, 1.1's (no clients); 3 did not
+# mark the attempt that starts a redelivery's round.
+SCHEMA_VERSION = 4
 
 # One schema for both stores; the {fields} are where their dialects differ.
 SCHEMA = """
@@ -424,14 +426,21 @@ CREATE TABLE IF NOT EXISTS attempts (
     error       TEXT,
     duration_ms {real} NOT NULL,
     response    TEXT,                      -- what the receiver answered, JSON, capped: ANSWER_BYTES
+    redelivery  INTEGER NOT NULL DEFAULT 0,  -- 1 on the first attempt of a round a redelivery started
     PRIMARY KEY (job_id, attempt)
 ){without_rowid};
 {owner_indexes}
 """
 
-# From schema 2: jobs belong to clients, and an Idempotency-Key is a client's own.
-UPGRADE_TO_3 = ("ALTER TABLE jobs ADD COLUMN client TEXT NOT NULL DEFAULT ''",
-                "DROP INDEX IF EXISTS jobs_by_idempotency_key")
+UPGRADES = {
+    # From schema 2: jobs belong to clients, and an Idempotency-Key is a client's own.
+    3: ("ALTER TABLE jobs ADD COLUMN client TEXT NOT NULL DEFAULT ''", "DROP INDEX IF EXISTS jobs_by_idempotency_key"),
+    # From schema 3: attempts mark where a redelivery began. Of the rounds before, only the
+    # current one can still be told, from its round_start.
+    4: ("ALTER TABLE attempts ADD COLUMN redelivery INTEGER NOT NULL DEFAULT 0",
+        "UPDATE attempts SET redelivery = 1 WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = attempts.job_id"
+        " AND d.round_start > 0 AND attempts.attempt = d.round_start + 1)"),
+}
 
 Statement = tuple[str, Sequence[Any]]
 Row = Sequence[Any]
@@ -692,10 +701,10 @@ class Store:
         return (bytes(row[0]), row[1]) if row else None
 
     async def attempts(self, caller: Caller, job_id: str) -> list[Row]:
-        """(attempt, at, status_code, error, duration_ms, response JSON) of every attempt, in order."""
+        """(attempt, at, status_code, error, duration_ms, response JSON, redelivery) of every attempt, in order."""
         scope, params = _scope(caller)
         return await self._fetch(
-            "SELECT a.attempt, a.at, a.status_code, a.error, a.duration_ms, a.response FROM attempts a"
+            "SELECT a.attempt, a.at, a.status_code, a.error, a.duration_ms, a.response, a.redelivery FROM attempts a"
             f" JOIN jobs j ON j.id = a.job_id WHERE a.job_id = ?{scope} ORDER BY a.attempt",
             (job_id, *params),
         )
@@ -723,12 +732,13 @@ class Store:
     async def record_attempt(self, job_id: str, number: int, started: float, seconds: float,
                              status_code: int | None, error: str | None,
                              status: str, next_attempt_at: float | None, answer: str | None = None) -> None:
-        """Store an attempt (with the receiver's answer, JSON) and what it made of its delivery."""
+        """Store an attempt (with the receiver's answer, JSON, and whether a redelivery's round
+        starts with it) and what it made of its delivery."""
         await self._write(
-            ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms, response)"
-             " SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM deliveries WHERE job_id = ? AND owner = ?)"
-             " ON CONFLICT (job_id, attempt) DO NOTHING",
-             (job_id, number, started, status_code, error, seconds * 1000, answer, job_id, self.instance)),
+            ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms, response, redelivery)"
+             " SELECT ?, ?, ?, ?, ?, ?, ?, CASE WHEN round_start > 0 AND round_start + 1 = ? THEN 1 ELSE 0 END"
+             " FROM deliveries WHERE job_id = ? AND owner = ? ON CONFLICT (job_id, attempt) DO NOTHING",
+             (job_id, number, started, status_code, error, seconds * 1000, answer, number, job_id, self.instance)),
             ("UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
              " failed_at = ? WHERE job_id = ? AND owner = ?",
              (status, number, next_attempt_at, error, started if status == "failed" else None,
@@ -743,7 +753,7 @@ class Store:
             f" AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = deliveries.job_id{scope})", (job_id, *params), now))
 
     async def list_jobs(self, caller: Caller, statuses: Sequence[str], delivery_statuses: Sequence[str],
-                        prefix: str | None, before: str | None, limit: int) -> list[Row]:
+                        prefix: str | None, receiver: str | None, before: str | None, limit: int) -> list[Row]:
         """(job_id, status, created_at, completed_at, webhook_url, delivery_status, attempts,
         last_error, next_attempt_at, client) of jobs newest first, filtered, below the id `before`."""
         # Most jobs end completed and delivered: a filter on the other statuses reads small
@@ -756,6 +766,10 @@ class Store:
             common.append(f"j.status IN ({','.join('?' * len(statuses))})")
             if "completed" not in statuses:
                 common.append("j.status <> 'completed'")
+        if receiver:
+            condition, patterns = _goes_to(receiver)
+            common.append(condition)
+            params.extend(patterns)
         page = (prefix, before, limit, self.BYTE_ORDER)
         if not delivery_statuses or "delivered" in delivery_statuses:
             if delivery_statuses:
@@ -980,6 +994,25 @@ DELIVERY_STATUS = "coalesce(d.status, CASE WHEN j.webhook_url IS NOT NULL THEN '
 ALL_JOBS = "jobs j LEFT JOIN deliveries d ON d.job_id = j.id"
 STORED_DELIVERIES = "deliveries d JOIN jobs j ON j.id = d.job_id"
 LIST_QUERIES_AT_ONCE = 2
+RECEIVER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::([0-9]{1,5}))?")  # host, or host:port, lower case
+DEFAULT_PORTS = {"http": "80", "https": "443"}
+LIKE_URL = "(lower(j.webhook_url) || '/') LIKE ? ESCAPE '\\'"
+
+
+def _goes_to(receiver: str) -> Statement:
+    """The condition that a job's webhook_url goes to `receiver`: a host at any port, or
+    host:port, the port written or the scheme's default."""
+    host, port = RECEIVER.fullmatch(receiver).groups()  # type: ignore[union-attr]
+    starts = [f"{scheme}://{host}" + (f":{port}" if port else "") for scheme in DEFAULT_PORTS]
+    starts += [f"{scheme}://{host}" for scheme, default in DEFAULT_PORTS.items() if port == default]
+    # The URL is kept as submitted, so compared lower-cased; userinfo is refused, so the host
+    # follows the scheme, and the '/' appended ends a URL that has no path.
+    patterns = [_literal_like(start) + end + "%" for start in starts for end in ("/?#" if port else "/?#:")]
+    return (f"({' OR '.join([LIKE_URL] * len(patterns))})", patterns)
+
+
+def _literal_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _job_page(source: str, key: str, conditions: list[str], params: list[Any], prefix: str | None,
@@ -1020,6 +1053,12 @@ def _refuse_newer_schema(found: Any) -> None:
             f"the database has schema version {found}, newer than this webhookd ({__version__}) knows"
             f" ({SCHEMA_VERSION}); run a newer webhookd"
         )
+
+
+def _upgrades(found: Any) -> list[str]:
+    """The statements that bring a database of schema version `found` (None: a new one) to this one's."""
+    since = SCHEMA_VERSION if found is None else int(found)
+    return [statement for version in range(since + 1, SCHEMA_VERSION + 1) for statement in UPGRADES.get(version, ())]
 
 
 def _takeover(jobs: list[Row], deliveries: list[Row]) -> Takeover:
@@ -1107,9 +1146,8 @@ class SQLiteStore(Store):
         if version == 1:
             for table, column in (("jobs", "owner"), ("deliveries", "owner"), ("attempts", "response")):
                 await writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
-        if version is not None and version < 3:
-            for statement in UPGRADE_TO_3:
-                await writer.execute(statement)
+        for statement in _upgrades(version):
+            await writer.execute(statement)
         await writer.executescript(SCHEMA.format(real="REAL", bytes="BLOB", without_rowid=" WITHOUT ROWID",
                                                  owner_indexes=""))
         await writer.execute("INSERT OR REPLACE INTO settings (name, value) VALUES ('schema_version', ?)",
@@ -1330,9 +1368,8 @@ class PostgresStore(Store):
                     "SELECT value FROM settings WHERE name = 'schema_version'"
                 ) if await conn.fetchval("SELECT to_regclass('settings') IS NOT NULL") else None
                 _refuse_newer_schema(version)
-                if version is not None and int(version) < 3:
-                    for statement in UPGRADE_TO_3:
-                        await conn.execute(statement)
+                for statement in _upgrades(version):
+                    await conn.execute(statement)
                 await conn.execute(SCHEMA.format(real="DOUBLE PRECISION", bytes="BYTEA", without_rowid="",
                                                  owner_indexes=POSTGRES_OWNER_INDEXES))
                 await conn.execute(
@@ -2988,8 +3025,9 @@ CLIENTS = web.AppKey("clients", Clients)
 IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict[tuple[str, str], asyncio.Future[None]])
 CALLER = web.RequestKey("caller", Caller)  # who is asking: set by the admission middleware
 
-# Open without --api-key: the health check, the API description and the page (which asks for the key).
-OPEN_PATHS = ("/healthz", "/openapi.json", "/", "/ui")
+# Open without --api-key: the health check, the API description and the page (which asks for the key)
+# with its icon.
+OPEN_PATHS = ("/healthz", "/openapi.json", "/", "/ui", "/favicon.ico")
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -3048,9 +3086,10 @@ async def webhook_status(request: web.Request) -> web.Response:
                 "success": is_success(code),
                 "error": error,
                 "duration_ms": round(duration_ms, 1),
+                "redelivery": bool(redelivery),
                 **({"response": json.loads(answer)} if answer else {}),
             }
-            for number, at, code, error, duration_ms, answer in attempts
+            for number, at, code, error, duration_ms, answer, redelivery in attempts
         ],
     })
 
@@ -3099,13 +3138,13 @@ DELIVERY_STATUSES = ("pending", "retrying", "delivered", "failed")
 
 
 async def list_jobs(request: web.Request) -> web.Response:
-    """GET /jobs: jobs newest first, filtered by status, delivery status and id prefix, a page at a time."""
+    """GET /jobs: jobs newest first, filtered by status, delivery status, id prefix and receiver, a page at a time."""
     query = request.query
     limit = _limit(query.get("limit", "50"))
     rows = await request.app[STORE].list_jobs(
         _list_scope(request[CALLER], query.get("client")),
         _choices(query, "status", JOB_STATUSES), _choices(query, "delivery_status", DELIVERY_STATUSES),
-        _prefix(query.get("q")), _cursor(query.get("before")), limit,
+        _prefix(query.get("q")), _receiver(query.get("receiver")), _cursor(query.get("before")), limit,
     )
     jobs = [
         {"job_id": job_id, "status": status, "created_at": iso_time(created), "completed_at": iso_time(completed),
@@ -3138,6 +3177,20 @@ def _prefix(value: str | None) -> str | None:
     if value is not None and not (value and len(value) <= 40 and value.isascii() and value.replace("-", "").isalnum()):
         raise web.HTTPBadRequest(text="q must be a job id or the start of one (letters, digits and -)")
     return value or None
+
+
+def _receiver(value: str | None) -> str | None:
+    if value is None:
+        return None
+    found = RECEIVER.fullmatch(value.lower())
+    try:
+        if not found or not 0 < int(found[2] or 1) < 65536:
+            raise BadWebhookURL
+        if not found[1].startswith("["):
+            _check_host_name(found[1])
+    except BadWebhookURL:
+        raise web.HTTPBadRequest(text="receiver must be a host, or host:port, as in hooks.example.com:8443") from None
+    return found[1] + (f":{int(found[2])}" if found[2] else "")
 
 
 def _encode_cursor(job_id: str) -> str:
@@ -4096,6 +4149,18 @@ async def page(request: web.Request) -> web.Response:
     return web.Response(text=PAGE, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
 
 
+# A tick in the page's blue. Browsers ask for an icon whether a page names one or not, and the
+# 404 they would get is an error in the console of everyone who opens the page.
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3"'
+           b' fill="#2f6fdb"/><path d="M3.5 8.5l3 3 6-7" fill="none" stroke="#fff" stroke-width="2"/></svg>')
+
+
+async def favicon(request: web.Request) -> web.Response:
+    """GET /favicon.ico: the page's icon, an SVG."""
+    return web.Response(body=FAVICON, content_type="image/svg+xml",
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=86400"})
+
+
 async def stats(request: web.Request) -> web.Response:
     """GET /stats: the counters the page charts, since start-up."""
     _require_operator_view(request)
@@ -4197,10 +4262,12 @@ OPENAPI: dict[str, Any] = {
                     "attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]},
                     "next_attempt_at": NULLABLE_TIME, "client": OWNER}}}}},
             "Attempt": {"type": "object", "required": ["attempt", "timestamp", "status_code", "success", "error",
-                                                       "duration_ms"], "properties": {
+                                                       "duration_ms", "redelivery"], "properties": {
                 "attempt": {"type": "integer", "minimum": 1}, "timestamp": TIME,
                 "status_code": {"type": ["integer", "null"]}, "success": {"type": "boolean"},
                 "error": {"type": ["string", "null"]}, "duration_ms": {"type": "number"},
+                "redelivery": {"type": "boolean",
+                               "description": "the first attempt of a round that a redelivery (one job's or bulk) started"},
                 "response": {"type": "object", "properties": {
                     "headers": {"type": "object", "additionalProperties": {"type": "string"}},
                     "body": {"type": "string"}, "truncated": {"type": "boolean"}}}}},
@@ -4246,6 +4313,8 @@ OPENAPI: dict[str, Any] = {
                 {"name": "status", "in": "query", "schema": {"type": "string"}, "description": "repeat or a,b"},
                 {"name": "delivery_status", "in": "query", "schema": {"type": "string"}},
                 {"name": "q", "in": "query", "schema": {"type": "string"}, "description": "a job id or its start"},
+                {"name": "receiver", "in": "query", "schema": {"type": "string"},
+                 "description": "jobs whose webhook_url goes to this host (any port), or host:port"},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                 {"name": "before", "in": "query", "schema": {"type": "string"}, "description": "the last page's next"},
                 {"name": "client", "in": "query", "schema": {"type": "string"},
@@ -4335,6 +4404,9 @@ OPENAPI: dict[str, Any] = {
         "/ui": {"get": {
             "summary": "The same page", "security": [{}],
             "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/favicon.ico": {"get": {
+            "summary": "The page's icon", "security": [{}],
+            "responses": {"200": {"description": "SVG", "content": {"image/svg+xml": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {
             "summary": "This description", "security": [{}],
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
@@ -4372,6 +4444,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/", page)
     app.router.add_get("/ui", page)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/stats", stats)
     app.router.add_get("/webhooks/{job_id}/request", request_sent)
     app.router.add_post("/clients", post_client)
