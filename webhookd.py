@@ -3803,10 +3803,11 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>webhookd: recent deliveries</title>
+<link rel="icon" href="/favicon.ico" type="image/svg+xml">
 <style>
 :root { font: 14px/1.4 system-ui, sans-serif; color: #1d232b; background: #f6f7f9; }
 body { margin: 0; }
-header, main { max-width: 1200px; margin: 0 auto; padding: 12px 16px; }
+header, main { max-width: 1400px; margin: 0 auto; padding: 12px 16px; }
 h1 { font-size: 18px; margin: 0 0 8px; }
 h2 { font-size: 15px; margin: 16px 0 8px; }
 .counters { display: flex; flex-wrap: wrap; gap: 8px; }
@@ -3821,22 +3822,47 @@ button[aria-pressed="true"] { background: #2f6fdb; border-color: #2f6fdb; color:
 button:disabled { opacity: .5; cursor: not-allowed; }
 button:focus-visible, input:focus-visible { outline: 2px solid #f0a020; outline-offset: 1px; }
 input { border: 1px solid #b9c0ca; border-radius: 4px; padding: 3px 6px; }
-.layout { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 16px; }
-@media (max-width: 800px) { .layout { grid-template-columns: 1fr; } }
-@media (max-width: 600px) { table { display: block; overflow-x: auto; } th, td { white-space: nowrap; } }
+input[type="search"] { width: 10em; }
+.field { white-space: nowrap; }
+/* The list's eight columns need about 760 pixels; the detail reads well in 400. */
+.layout { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 28rem); gap: 16px; }
+@media (max-width: 1200px) { .layout { grid-template-columns: minmax(0, 1fr); } }
 table { width: 100%; border-collapse: collapse; background: #fff; }
-th, td { text-align: left; padding: 5px 6px; border-bottom: 1px solid #e6e9ee; overflow-wrap: anywhere; }
-tr.selected td { background: #eaf1fd; }
-td button { border-radius: 4px; font-family: ui-monospace, monospace; font-size: 12px; }
-td[class^="status-"] { white-space: nowrap; }
+th, td { text-align: left; vertical-align: top; padding: 5px; border-bottom: 1px solid #e6e9ee; }
+th, .job, .status, .delivery, .time { white-space: nowrap; }
+.receiver { white-space: nowrap; max-width: 16em; overflow: hidden; text-overflow: ellipsis; }  /* its title has the URL */
+.error, .url { overflow-wrap: anywhere; }
+.url { min-width: 16em; }
+tr.selected { background: #eaf1fd; }
+td button { border-radius: 4px; padding: 3px 6px; font-family: ui-monospace, monospace; font-size: 12px; }
 .status-delivered, .status-completed { color: #17803d; }
 .status-failed { color: #c22; }
 .status-retrying, .status-pending, .status-processing { color: #9a6700; }
-#detail { background: #fff; border: 1px solid #d8dce2; border-radius: 6px; padding: 10px 12px; }
+#detail { background: #fff; border: 1px solid #d8dce2; border-radius: 6px; padding: 10px 12px; overflow-wrap: anywhere; }
 #detail ol { padding-left: 20px; }
+#detail .id { font-family: ui-monospace, monospace; font-size: 13px; user-select: all; }
+#detail h2 button { font-size: 12px; font-weight: normal; }
+.round { font-weight: 600; color: #2f6fdb; }
 pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f1f3f6; padding: 6px; border-radius: 4px; font-size: 12px; max-height: 220px; overflow: auto; }
 .muted { color: #5d6673; }
 #key-form { background: #fff3cd; border: 1px solid #e0c36a; padding: 10px; border-radius: 6px; }
+@media (max-width: 600px) {
+  /* A table of eight columns does not fit a phone: each row becomes a card, with the job, its
+     delivery and its time on the first line, so that no one scrolls sideways to see a status. */
+  table, tbody, td { display: block; }
+  thead { display: none; }
+  tr { display: flex; flex-wrap: wrap; align-items: baseline; column-gap: 10px; padding: 6px; border-bottom: 1px solid #e6e9ee; }
+  tr::after { content: ""; flex-basis: 100%; order: 1; }  /* ends the first line */
+  td { border: 0; padding: 1px 0; order: 2; }
+  .job, .delivery, .time { order: 0; }
+  .time { margin-left: auto; }
+  .url, .error { flex-basis: 100%; }
+  .error { order: 3; }
+  .status::before { content: "job "; color: #5d6673; }
+  .attempts::before { content: "attempts "; color: #5d6673; }
+  .counter { min-width: 0; flex: 1 1 80px; }
+  .counter svg { width: 100%; }
+}
 [hidden] { display: none !important; }
 </style>
 </head>
@@ -3860,38 +3886,41 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f1f3f6; paddi
     <span class="muted">Job:</span>
     <button type="button" data-filter="status" data-value="completed" aria-pressed="false">completed</button>
     <button type="button" data-filter="status" data-value="failed" aria-pressed="false">failed</button>
-    <label for="search" class="muted">Job id</label>
-    <input id="search" type="search" placeholder="job-01a2…" spellcheck="false">
-    <label for="client" class="muted operator-only" hidden>Client</label>
-    <input id="client" class="operator-only" type="search" placeholder="name" spellcheck="false" hidden>
+    <span class="field"><label for="search" class="muted">Job id</label>
+      <input id="search" type="search" placeholder="job-01a2…" spellcheck="false"></span>
+    <span class="field"><label for="receiver" class="muted">Receiver</label>
+      <input id="receiver" type="search" placeholder="host[:port]" spellcheck="false"></span>
+    <span class="field operator-only" hidden><label for="client" class="muted">Client</label>
+      <input id="client" type="search" placeholder="name" spellcheck="false"></span>
   </div>
   <div class="layout">
     <section aria-label="Jobs">
       <table>
-        <thead><tr><th>Job</th><th id="client-head" hidden>Client</th><th>Job status</th><th>Delivery</th><th>Attempts</th><th>Last error</th><th>Created</th></tr></thead>
+        <thead><tr><th>Job</th><th id="client-head" hidden>Client</th><th>Receiver</th><th>Job status</th><th>Delivery</th><th>Attempts</th><th>Last error</th><th>Created</th></tr></thead>
         <tbody id="jobs"></tbody>
       </table>
       <p><button type="button" id="more">Load more</button> <span id="list-note" class="muted"></span></p>
       <h2>Dead letter</h2>
       <div class="controls">
-        <label for="since">Redeliver all failed since</label>
+        <label for="since">Redeliver all failed since (UTC)</label>
         <input id="since" type="datetime-local">
         <button type="button" id="count-failed">Count</button>
         <button type="button" id="redeliver-all" disabled>Redeliver them</button>
         <span id="bulk-note" class="muted" aria-live="polite"></span>
       </div>
-      <table>
+      <table id="dead-table">
         <thead><tr><th>Job</th><th>Webhook URL</th><th>Attempts</th><th>Last error</th><th>Failed at</th></tr></thead>
         <tbody id="dead"></tbody>
       </table>
+      <p id="dead-note" class="muted"></p>
     </section>
     <section id="detail" aria-live="polite"><p class="muted">Choose a job to see its delivery.</p></section>
   </div>
 </main>
 <script>
 "use strict";
-const state = { filters: { status: new Set(), delivery_status: new Set() }, q: "", client: "", shown: 50,
-  listCalls: 0, selected: null, redeliverError: "", until: null, history: [] };
+const state = { filters: { status: new Set(), delivery_status: new Set() }, q: "", client: "", receiver: "",
+  shown: 50, listCalls: 0, selected: null, redeliverError: "", until: null, history: [] };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, text, attributes = {}) {
@@ -3915,10 +3944,13 @@ async function api(path, options = {}) {
 function listQuery(limit, before) {
   const params = new URLSearchParams({ limit: String(limit) });
   for (const [name, values] of Object.entries(state.filters)) if (values.size) params.set(name, [...values].join(","));
-  if (state.q) params.set("q", state.q);
-  if (state.client) params.set("client", state.client);
+  for (const name of ["q", "client", "receiver"]) if (state[name]) params.set(name, state[name]);
   if (before) params.set("before", before);
   return "/jobs?" + params;
+}
+
+function filtered() {
+  return Object.values(state.filters).some((values) => values.size) || Boolean(state.q || state.client || state.receiver);
 }
 
 async function refreshList() {
@@ -3930,7 +3962,7 @@ async function refreshList() {
       jobs.push(...page.jobs);
       next = page.next;
     } while (next && jobs.length < wanted);
-    note = jobs.length ? "" : "No job matches.";
+    note = jobs.length ? "" : filtered() ? "No job matches." : "No jobs yet.";
   } catch (error) { jobs = []; next = null; note = error.message; }
   if (call !== state.listCalls) return;  // a later call, with newer filters, shows its own
   const clients = jobs.some((job) => job.client);  // a column only where there are clients
@@ -3941,9 +3973,12 @@ async function refreshList() {
 }
 
 function jobCell(jobId) {
-  const open = el("button", jobId, { type: "button", "aria-label": "Show " + jobId });
+  // An id starts with its time in milliseconds, the same for every job of a burst: its last
+  // digits, random, are what tells the jobs of a page apart.
+  const open = el("button", jobId.replace(/^job-[0-9a-f]{24}([0-9a-f]{8})$/, "job-\\u2026$1"),
+    { type: "button", title: jobId, "aria-label": "Show " + jobId });
   open.addEventListener("click", () => select(jobId));
-  const cell = el("td"); cell.append(open);
+  const cell = el("td", null, { class: "job" }); cell.append(open);
   return cell;
 }
 
@@ -3952,23 +3987,44 @@ function jobRow(job, clients) {
   if (job.job_id === state.selected) row.className = "selected";
   row.append(jobCell(job.job_id));
   if (clients) row.append(el("td", job.client || "(operator)", { class: job.client ? "" : "muted" }));
-  row.append(el("td", job.status, { class: "status-" + job.status }),
-    el("td", job.delivery_status || "no webhook", { class: "status-" + (job.delivery_status || "none") }),
-    el("td", job.attempts), el("td", job.last_error || ""), el("td", job.created_at));
+  row.append(receiverCell(job.webhook_url), el("td", job.status, { class: "status status-" + job.status }),
+    el("td", job.delivery_status || "no webhook", { class: "delivery status-" + (job.delivery_status || "none") }),
+    el("td", job.attempts, { class: "attempts" }), el("td", job.last_error || "", { class: "error" }), timeCell(job.created_at));
   return row;
+}
+
+function receiverCell(url) {
+  if (!url) return el("td", null, { class: "receiver" });
+  let host;
+  try { host = new URL(url).host; } catch (error) { host = url; }
+  return el("td", host, { class: "receiver", title: url });
+}
+
+function timeCell(iso) {
+  const cell = el("td", null, { class: "time" });
+  if (iso) cell.append(el("time", ago(Date.parse(iso)), { datetime: iso, title: iso }));
+  return cell;
+}
+
+function ago(moment) {
+  const minutes = Math.floor((Date.now() - moment) / 60000);
+  if (minutes < 1) return "just now";
+  if (minutes < 60) return minutes + " min ago";
+  return minutes < 48 * 60 ? Math.floor(minutes / 60) + " h ago" : Math.floor(minutes / 1440) + " d ago";
 }
 
 async function select(jobId) {
   state.selected = jobId;
   state.redeliverError = "";
   await Promise.all([refreshList(), refreshDetail()]);
+  if ($("detail").getBoundingClientRect().top > innerHeight) $("detail").scrollIntoView();  // one column: it is below
 }
 
 async function refreshDetail() {
   const jobId = state.selected;
   if (!jobId) return;
   const job = await api("/jobs/" + encodeURIComponent(jobId));
-  const panel = [el("h2", jobId), el("p", "Job " + job.status + (job.error ? ": " + job.error : ""))];
+  const panel = [idHeading(jobId), el("p", "Job " + job.status + (job.error ? ": " + job.error : ""))];
   if (job.result) panel.push(el("p", "Result: " + job.result.sentiment + ", confidence " + job.result.confidence));
   if (!job.webhook_url) { $("detail").replaceChildren(...panel, el("p", "No webhook URL.")); return; }
   const [delivery, sent] = await Promise.all([
@@ -3980,6 +4036,20 @@ async function refreshDetail() {
   panel.push(redeliverButton(jobId, delivery.delivery_status), el("h2", "Attempts"), attemptList(delivery.attempts, sent));
   panel.push(el("h2", "Body sent (the same bytes on every attempt)"), el("pre", sent.body));
   $("detail").replaceChildren(...panel);
+}
+
+function idHeading(jobId) {
+  const heading = el("h2");
+  heading.append(el("span", jobId, { class: "id" }));
+  if (navigator.clipboard) heading.append(" ", copyButton(jobId));  // only on https, or on localhost
+  return heading;
+}
+
+function copyButton(text) {
+  const button = el("button", "copy", { type: "button", "aria-label": "Copy " + text });
+  button.addEventListener("click", () => navigator.clipboard.writeText(text).then(
+    () => { button.textContent = "copied"; }, () => { button.textContent = "select the id to copy it"; }));
+  return button;
 }
 
 function redeliverButton(jobId, status) {
@@ -4008,7 +4078,7 @@ function attemptList(attempts, sent) {
     item.append(el("div", attempt.timestamp + ": " + outcome + " in " + attempt.duration_ms + " ms" +
       (attempt.success ? ", delivered" : "")));
     const next = attempts[index + 1];
-    if (next) item.append(el("div", "then waited " + ((Date.parse(next.timestamp) - Date.parse(attempt.timestamp)) / 1000).toFixed(1) + " s", { class: "muted" }));
+    if (next) item.append(pause(attempt, next));
     if (attempt.error && attempt.error !== "HTTP " + attempt.status_code) item.append(el("div", attempt.error));
     const headers = (sent.attempts.find((a) => a.attempt === attempt.attempt) || {}).headers;
     if (headers) item.append(el("div", "Request headers", { class: "muted" }), el("pre", formatHeaders(headers)));
@@ -4021,6 +4091,13 @@ function attemptList(attempts, sent) {
   return list;
 }
 
+function pause(attempt, next) {
+  // A redelivery's round is someone's decision, not a backoff: the time before it is no wait.
+  const seconds = ((Date.parse(next.timestamp) - Date.parse(attempt.timestamp)) / 1000).toFixed(1) + " s";
+  return next.redelivery ? el("div", "then redelivered, " + seconds + " later", { class: "round" })
+    : el("div", "then waited " + seconds, { class: "muted" });
+}
+
 function formatHeaders(headers) {
   return Object.entries(headers).map(([name, value]) => name + ": " + value).join("\\n");
 }
@@ -4029,13 +4106,18 @@ async function refreshDeadLetter() {
   const page = await api("/webhooks/dead-letter?limit=50");
   $("dead").replaceChildren(...page.deliveries.map((d) => {
     const row = el("tr");
-    row.append(jobCell(d.job_id), el("td", d.webhook_url), el("td", d.attempts), el("td", d.last_error || ""), el("td", d.failed_at));
+    row.append(jobCell(d.job_id), el("td", d.webhook_url, { class: "url" }), el("td", d.attempts, { class: "attempts" }),
+      el("td", d.last_error || "", { class: "error" }), timeCell(d.failed_at));
     return row;
   }));
+  $("dead-table").hidden = !page.deliveries.length;
+  $("dead-note").textContent = page.deliveries.length ? "" : "Nothing in the dead letter.";
 }
 
 function bulkBody(dryRun) {
-  return JSON.stringify({ since: new Date($("since").value).toISOString(), until: state.until, dry_run: dryRun });
+  // The picker's time is UTC, as its label says, whatever the browser's time zone.
+  const since = new Date($("since").value + "Z").toISOString();
+  return JSON.stringify({ since, until: state.until, dry_run: dryRun });
 }
 
 async function countFailed() {
@@ -4110,8 +4192,9 @@ for (const chip of document.querySelectorAll("[data-filter]")) {
     refreshList();
   });
 }
-$("search").addEventListener("input", () => { state.q = $("search").value.trim(); state.shown = 50; refreshList(); });
-$("client").addEventListener("input", () => { state.client = $("client").value.trim(); state.shown = 50; refreshList(); });
+for (const [box, name] of [["search", "q"], ["client", "client"], ["receiver", "receiver"]]) {
+  $(box).addEventListener("input", () => { state[name] = $(box).value.trim(); state.shown = 50; refreshList(); });
+}
 $("more").addEventListener("click", () => { state.shown += 50; refreshList(); });
 $("count-failed").addEventListener("click", () => countFailed().catch((error) => { $("bulk-note").textContent = error.message; }));
 $("redeliver-all").addEventListener("click", () => redeliverAll().catch((error) => { $("bulk-note").textContent = error.message; }));
