@@ -819,8 +819,10 @@ async def test_status_shows_pending_retrying_and_the_whole_history(
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
     assert [a["success"] for a in attempts] == [False, False, True]
     assert [a["error"] for a in attempts] == ["HTTP 500", "HTTP 502", None]
+    assert [a["redelivery"] for a in attempts] == [False, False, False]  # retries, not redeliveries
     for attempt in attempts:
-        assert set(attempt) == {"attempt", "timestamp", "status_code", "success", "error", "duration_ms", "response"}
+        assert set(attempt) == {"attempt", "timestamp", "status_code", "success", "error", "duration_ms", "redelivery",
+                                "response"}
         assert attempt["timestamp"].endswith("Z") and attempt["duration_ms"] >= 0
 
 
@@ -918,6 +920,28 @@ async def test_redelivery_gets_a_fresh_round_of_retries_and_leaves_the_dead_lett
     assert [a["status_code"] for a in status["attempts"]] == [500, 500, 500, 200]
     assert status["delivery_status"] == "delivered"
     assert "webhookd_dead_letter_deliveries 0" in await (await service.get("/metrics")).text()
+
+
+async def redelivered_twice(service: TestClient, make_receiver: Callable[..., Any]) -> tuple[str, dict[str, Any]]:
+    """A job whose round (of 2 attempts) failed, got a bulk redelivery (of 2 attempts), then a
+    manual one (of 1); its id and its status, with all 5 attempts. The service allows 1 retry."""
+    receiver = await make_receiver(answer_status(500, 500, 500))
+    job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    await wait_for_status(service, job_id, "failed")
+    assert (await service.post("/webhooks/redeliver", json={"since": "2020-01-01T00:00:00Z"})).status == 202
+    await wait_for_status(service, job_id, "delivered")
+    assert (await service.post(f"/webhooks/{job_id}/redeliver")).status == 202
+    return job_id, await wait_until(lambda: attempts_at_least(service, job_id, 5), "the manual round")
+
+
+@both_stores
+async def test_the_status_marks_the_attempt_that_starts_each_redelivery_round(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=1))
+    _, status = await redelivered_twice(service, make_receiver)
+    assert [(a["status_code"], a["redelivery"]) for a in status["attempts"]] == [
+        (500, False), (500, False), (500, True), (200, False), (200, True)]
 
 
 @both_stores
@@ -1041,6 +1065,47 @@ async def test_the_job_list_filters_and_pages_newest_first(
                         ("?limit=0", "limit"), ("?before=xyz", "before"), ("?q=%3Cb%3E", "q")):
         status, body = await listed(query)
         assert status == 400 and word in body["error"], (query, body)
+
+
+@both_stores
+async def test_the_job_list_filters_by_receiver_host_or_host_and_port(
+    loopback_dns: None, make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=0))
+    ok, failing = await make_receiver(), await make_receiver(answer_status(500))
+    port = ok.server.port
+    urls = {
+        "plain": f"http://hooks.example.com:{port}/a", "capitals": f"HTTP://HOOKS.Example.com:{port}",
+        "query": f"http://hooks.example.com:{port}?to=x", "sub": f"http://sub.hooks.example.com:{port}/",
+        "longer": f"http://hooks.example.community:{port}/", "in_query": f"http://other.example:{port}/?to=http://hooks.example.com/",
+        "underscore": f"http://hooks_x.example:{port}/", "dash": f"http://hooks-x.example:{port}/",
+        "down": f"http://down.example:{failing.server.port}/",
+    }
+    jobs = {name: (await submit(service, webhook_url=url))["job_id"] for name, url in urls.items()}
+    for name, job_id in jobs.items():
+        await wait_for_status(service, job_id, "failed" if name == "down" else "delivered")
+    default_port = (await submit(service, webhook_url="http://hooks.example.com/b"))["job_id"]  # port 80
+
+    async def listed(query: str) -> set[str]:
+        response = await service.get("/jobs?" + query)
+        assert response.status == 200, await response.text()
+        return {job["job_id"] for job in (await response.json())["jobs"]}
+
+    def named(*names: str) -> set[str]:
+        return {jobs[name] for name in names}
+
+    assert await listed("receiver=hooks.example.com") == {*named("plain", "capitals", "query"), default_port}
+    assert await listed(f"receiver=Hooks.Example.com:{port}") == named("plain", "capitals", "query")
+    assert await listed("receiver=hooks.example.com:80") == {default_port}
+    assert await listed("receiver=hooks_x.example") == named("underscore")
+    assert await listed(f"receiver=hooks.example.com:{port}&status=completed&delivery_status=delivered") \
+        == named("plain", "capitals", "query")
+    assert await listed("receiver=down.example&delivery_status=failed,pending") == named("down")
+    assert await listed(f"receiver=hooks.example.com:{port}&delivery_status=failed,pending") == set()
+    for wrong in ("", "http://hooks.example.com", "hooks.example.com/a", "hooks.example.com:0",
+                  "hooks.example.com:65536", "hooks%25", "a%20b", "a..b"):
+        response = await service.get("/jobs?receiver=" + wrong)
+        assert response.status == 400 and "receiver" in (await response.json())["error"], wrong
 
 
 @both_stores
@@ -2252,9 +2317,10 @@ async def browser() -> Any:
         await launched.close()
 
 
-async def open_page(browser: Any, client: TestClient, path: str = "/", still: bool = False) -> Any:
-    """The page in a new tab; `still` stops its clock, so that it reads the API only when the test acts."""
-    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+async def open_page(browser: Any, client: TestClient, path: str = "/", still: bool = False, **options: Any) -> Any:
+    """The page in a new tab, 1280 pixels wide unless `options` (of a browser context) say otherwise;
+    `still` stops its clock, so that it reads the API only when the test acts."""
+    page = await browser.new_page(**{"viewport": {"width": 1280, "height": 860}, **options})
     page.set_default_timeout(DEADLINE * 1000)
     if still:
         await page.clock.install(time=0)  # pause_at goes forward only, and the installed clock runs
@@ -2281,8 +2347,6 @@ async def test_the_page_lists_filters_and_shows_every_attempt_and_redelivers(
     await detail.get_by_text("HTTP 200 in").wait_for()
     assert await detail.locator("ol > li").count() == 2
     assert "webhook-signature: v1," in await detail.text_content()
-    if os.environ.get("WEBHOOKD_SCREENSHOT"):
-        await page.screenshot(path=os.environ["WEBHOOKD_SCREENSHOT"], full_page=True)
     await detail.get_by_role("button", name="Redeliver").click()
     await detail.locator("ol > li").nth(2).wait_for()  # (the page's CSP allows no eval'd test code)
     assert len(receiver.arrivals) == 3
@@ -2387,7 +2451,8 @@ async def test_the_page_is_a_clients_own_view_with_its_key_and_the_operators_has
     await page.get_by_role("button", name="Use key").click()
     await page.get_by_role("button", name="Show " + jobs["acme"]).wait_for()
     await page.locator("#client-head").wait_for()
-    assert await page.locator("#jobs tr", has_text=jobs["globex"]).get_by_text("globex").is_visible()
+    globex_row = page.locator("#jobs tr", has=page.get_by_role("button", name="Show " + jobs["globex"]))
+    assert await globex_row.get_by_text("globex").is_visible()
     await page.get_by_label("Client").fill("globex")
     await page.get_by_role("button", name="Show " + jobs["acme"]).wait_for(state="detached")
     assert await page.get_by_role("button", name="Show " + jobs["globex"]).is_visible()
@@ -2398,6 +2463,153 @@ async def test_the_page_is_a_clients_own_view_with_its_key_and_the_operators_has
     await mine.locator("#counters").wait_for(state="hidden")  # /stats is the operator's
     assert not await mine.get_by_role("button", name="Show " + jobs["globex"]).count()
     assert not await mine.get_by_label("Client").is_visible()
+
+
+async def test_the_list_shows_short_ids_and_receivers_filters_by_receiver_and_copies_a_whole_id(
+    make_service: Callable[..., Any], receiver: Receiver, browser: Any
+) -> None:
+    service = await make_service()
+    port = receiver.server.port
+    ours = (await submit(service, webhook_url=receiver.url()))["job_id"]
+    theirs = (await submit(service, webhook_url=f"http://localhost:{port}/hook"))["job_id"]
+    page = await open_page(browser, service, still=True, permissions=["clipboard-read", "clipboard-write"])
+    button = page.get_by_role("button", name="Show " + ours)
+    # An id starts with its time: the random end tells the jobs of a burst apart.
+    assert await button.inner_text() == "job-\u2026" + ours[-8:]
+    assert await button.get_attribute("title") == ours
+    assert await page.locator("#jobs tr", has=button).get_by_text(f"127.0.0.1:{port}", exact=True).is_visible()
+    await page.get_by_label("Receiver").fill("localhost")
+    await button.wait_for(state="detached")
+    await page.get_by_role("button", name="Show " + theirs).click()
+    await page.locator("#detail").get_by_role("button", name="Copy " + theirs).click()
+    await page.locator("#detail").get_by_text("copied").wait_for()
+    assert await page.evaluate("navigator.clipboard.readText()") == theirs
+
+
+async def test_at_laptop_width_the_list_fits_its_headers_and_times_stay_on_one_line_and_times_are_relative(
+    make_service: Callable[..., Any], browser: Any
+) -> None:
+    service = await make_service(api_key=OPERATOR_KEY)
+    job_id = (await submit(service, "no webhook"))["job_id"]
+    await submit_as(service, (await new_client(service, "acme"))["api_key"]["key"])  # a client column
+    refused = (await submit(service, webhook_url="http://127.0.0.1:65535/a-long-error-takes-room"))["job_id"]
+    await wait_for_status(service, refused, "failed")
+    created = (await (await service.get(f"/jobs/{job_id}")).json())["created_at"]
+    page = await open_page(browser, service, still=True)
+    await page.get_by_label("This webhookd needs its API key:").fill(OPERATOR_KEY)
+    await page.get_by_role("button", name="Use key").click()
+    when = page.locator("#jobs tr", has=page.get_by_role("button", name="Show " + job_id)).locator("time")
+    await when.wait_for()
+    assert (await when.inner_text(), await when.get_attribute("title")) == ("just now", created)
+    cells = page.locator("th:visible, #jobs time")
+    assert await cells.count() >= 9 and await wrapped(cells) == []
+    table, jobs = [await page.locator(part).first.bounding_box() for part in ("table", "section[aria-label=Jobs]")]
+    assert table["x"] + table["width"] <= jobs["x"] + jobs["width"]  # not under the detail beside it
+    await page.clock.fast_forward("02:00")  # the next refresh is due
+    await when.filter(has_text="2 min ago").wait_for()
+    assert await wrapped(cells) == []
+    await page.clock.fast_forward("03:00:00")
+    await when.filter(has_text="3 h ago").wait_for()
+
+
+async def wrapped(elements: Any) -> list[str]:
+    """The texts of those elements that the browser laid out on more than one line."""
+    return await elements.evaluate_all("""(elements) => elements.filter((element) => {
+        const range = document.createRange();
+        range.selectNodeContents(element);
+        return new Set([...range.getClientRects()].map((line) => Math.round(line.top))).size > 1;
+    }).map((element) => element.textContent)""")
+
+
+async def test_at_phone_width_every_status_is_in_view_and_nothing_scrolls_sideways(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], browser: Any
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=0))
+    ok, failing = await make_receiver(), await make_receiver(answer_status(500))
+    delivered = (await submit(service, webhook_url=ok.url("/hook/" + "a" * 300)))["job_id"]
+    failed = (await submit(service, webhook_url=failing.url()))["job_id"]
+    await wait_for_status(service, delivered, "delivered")
+    await wait_for_status(service, failed, "failed")
+    page = await open_page(browser, service, still=True, viewport={"width": 390, "height": 844})
+    for job_id, status in ((delivered, "delivered"), (failed, "failed")):
+        row = page.locator("#jobs tr", has=page.get_by_role("button", name="Show " + job_id))
+        box = await row.get_by_text(status, exact=True).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, (status, box)
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+    await page.get_by_role("button", name="Show " + delivered).first.click()
+    detail = page.locator("#detail")
+    await detail.get_by_text("HTTP 200 in").wait_for()
+    assert await detail.evaluate("(panel) => panel.scrollWidth <= panel.clientWidth")
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+async def test_the_timeline_tells_a_redelivery_from_a_wait(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], browser: Any
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=1))
+    job_id, _ = await redelivered_twice(service, make_receiver)
+    page = await open_page(browser, service, still=True)
+    await page.get_by_role("button", name="Show " + job_id).click()
+    attempts = page.locator("#detail ol > li")
+    await attempts.nth(4).wait_for()
+    then = [re.search(r"then (waited|redelivered)", text) for text in await attempts.all_inner_texts()]
+    assert [found and found[1] for found in then] == ["waited", "redelivered", "waited", "redelivered", None]
+
+
+async def test_the_since_picker_is_utc_whatever_the_browsers_time_zone(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any], browser: Any
+) -> None:
+    service = await make_service(retry=replace(FAST, max_retries=0))
+    receiver = await make_receiver(answer_status(500))
+    await wait_for_status(service, (await submit(service, webhook_url=receiver.url()))["job_id"], "failed")
+    page = await open_page(browser, service, timezone_id="Pacific/Kiritimati")  # UTC+14
+    since = time.strftime("%Y-%m-%dT%H:%M", time.gmtime(time.time() - 3600))
+    await page.get_by_label("Redeliver all failed since (UTC)").fill(since)
+    async with page.expect_request("**/webhooks/redeliver") as count:
+        await page.get_by_role("button", name="Count").click()
+    assert json.loads((await count.value).post_data)["since"] == since + ":00.000Z"
+    await page.get_by_text("1 failed deliveries would get a new round.").wait_for()
+
+
+async def test_a_fresh_install_says_no_jobs_yet_and_an_empty_dead_letter_says_so(
+    service: TestClient, browser: Any
+) -> None:
+    page = await open_page(browser, service)
+    await page.get_by_text("No jobs yet").wait_for()
+    await page.get_by_text("Nothing in the dead letter.").wait_for()
+    await page.get_by_label("Job id").fill("job-ff")
+    await page.get_by_text("No job matches.").wait_for()
+    await page.get_by_label("Job id").fill("")
+    await page.get_by_text("No jobs yet").wait_for()
+
+
+async def test_the_page_loads_without_a_console_error_or_a_failed_request(
+    make_service: Callable[..., Any], browser: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served, favicon = asyncio.Event(), webhookd.favicon
+
+    async def noted(request: web.Request) -> web.StreamResponse:  # the browser's own request: no page event shows it
+        served.set()
+        return await favicon(request)
+
+    monkeypatch.setattr(webhookd, "favicon", noted)
+    service = await make_service(api_key=OPERATOR_KEY)
+    job_id = (await submit(service))["job_id"]
+    page = await browser.new_page()
+    page.set_default_timeout(DEADLINE * 1000)
+    problems: list[str] = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("requestfailed", lambda request: problems.append(f"{request.url}: {request.failure}"))
+    page.on("response", lambda response: problems.append(f"{response.url}: {response.status}")
+            if response.status >= 400 else None)
+    await page.add_init_script(f"sessionStorage.setItem('webhookd-key', {OPERATOR_KEY!r})")
+    await page.goto(str(service.make_url("/")))
+    assert await page.locator("link[rel=icon]").get_attribute("href") == "/favicon.ico"
+    await asyncio.wait_for(served.wait(), DEADLINE)
+    await page.get_by_role("button", name="Show " + job_id).wait_for()
+    await page.get_by_text("Nothing in the dead letter.").wait_for()
+    await page.locator(".counter").first.wait_for()
+    assert problems == []
 
 
 async def test_a_script_in_an_answer_or_a_url_shows_as_text_and_never_runs(
@@ -2814,6 +3026,7 @@ async def test_a_flooding_client_is_told_to_wait_and_delays_another_by_about_a_b
         assert workers.queue.held("flood") > 0
 
 
+@both_stores
 async def test_a_database_of_webhookd_1_1_is_upgraded_and_its_jobs_are_the_operators(
     make_service: Callable[..., Any], config: Config, tmp_path: Path
 ) -> None:
@@ -2821,13 +3034,23 @@ async def test_a_database_of_webhookd_1_1_is_upgraded_and_its_jobs_are_the_opera
     store = await old.open_store(config.db, old.Loops(), 2.0)
     await store.add_job(old.Job("job-" + "1" * 32, "left by 1.1", None, None, time.time()), "order-1", "h")
     await store.close()
+    redelivered, url = "job-" + "2" * 32, "http://127.0.0.1:9/hook"  # in its second round, the one it still knows
+    await query(config.db, "INSERT INTO jobs (id, text, webhook_url, status, created_at) VALUES (?, 'x', ?, 'completed', 1)",
+                redelivered, url)
+    await query(config.db, "INSERT INTO deliveries (job_id, url, payload, status, attempts, round_start)"
+                " VALUES (?, ?, ?, 'delivered', 2, 1)", redelivered, url, b"{}")
+    for number in (1, 2):
+        await query(config.db, "INSERT INTO attempts (job_id, attempt, at, status_code, duration_ms) VALUES (?, ?, ?, 200, 1)",
+                    redelivered, number, float(number))
     service = await make_service(api_key=OPERATOR_KEY)
+    attempts = (await delivery_status(service, redelivered))["attempts"]
+    assert [attempt["redelivery"] for attempt in attempts] == [False, True]
     job = await (await service.get("/jobs/job-" + "1" * 32, headers=OPERATOR)).json()
     assert job["client"] is None and job["job_id"] == "job-" + "1" * 32
     key = (await new_client(service, "acme"))["api_key"]["key"]
     assert (await service.get("/jobs/job-" + "1" * 32, headers=bearer(key))).status == 404
     assert (await (await service.get("/jobs", headers=bearer(key))).json())["jobs"] == []
-    assert await query(config.db, "SELECT value FROM settings WHERE name = 'schema_version'") == [("3",)]
+    assert await query(config.db, "SELECT value FROM settings WHERE name = 'schema_version'") == [("4",)]
 
 
 def webhookd_1_1(tmp_path: Path) -> Any:

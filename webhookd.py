@@ -388,7 +388,9 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 # Storage
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 3  # 1 was webhookd 1.0's SQLite schema (no owners, no instances); 2, 1.1's (no clients)
+# 1 was webhookd 1.0's SQLite schema (no owners, no instances); 2, 1.1's (no clients); 3 did not
+# mark the attempt that starts a redelivery's round.
+SCHEMA_VERSION = 4
 
 # One schema for both stores; the {fields} are where their dialects differ.
 SCHEMA = """
@@ -461,14 +463,21 @@ CREATE TABLE IF NOT EXISTS attempts (
     error       TEXT,
     duration_ms {real} NOT NULL,
     response    TEXT,                      -- what the receiver answered, JSON, capped: ANSWER_BYTES
+    redelivery  INTEGER NOT NULL DEFAULT 0,  -- 1 on the first attempt of a round a redelivery started
     PRIMARY KEY (job_id, attempt)
 ){without_rowid};
 {owner_indexes}
 """
 
-# From schema 2: jobs belong to clients, and an Idempotency-Key is a client's own.
-UPGRADE_TO_3 = ("ALTER TABLE jobs ADD COLUMN client TEXT NOT NULL DEFAULT ''",
-                "DROP INDEX IF EXISTS jobs_by_idempotency_key")
+UPGRADES = {
+    # From schema 2: jobs belong to clients, and an Idempotency-Key is a client's own.
+    3: ("ALTER TABLE jobs ADD COLUMN client TEXT NOT NULL DEFAULT ''", "DROP INDEX IF EXISTS jobs_by_idempotency_key"),
+    # From schema 3: attempts mark where a redelivery began. Of the rounds before, only the
+    # current one can still be told, from its round_start.
+    4: ("ALTER TABLE attempts ADD COLUMN redelivery INTEGER NOT NULL DEFAULT 0",
+        "UPDATE attempts SET redelivery = 1 WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = attempts.job_id"
+        " AND d.round_start > 0 AND attempts.attempt = d.round_start + 1)"),
+}
 
 Statement = tuple[str, Sequence[Any]]
 Row = Sequence[Any]
@@ -729,10 +738,10 @@ class Store:
         return (bytes(row[0]), row[1]) if row else None
 
     async def attempts(self, caller: Caller, job_id: str) -> list[Row]:
-        """(attempt, at, status_code, error, duration_ms, response JSON) of every attempt, in order."""
+        """(attempt, at, status_code, error, duration_ms, response JSON, redelivery) of every attempt, in order."""
         scope, params = _scope(caller)
         return await self._fetch(
-            "SELECT a.attempt, a.at, a.status_code, a.error, a.duration_ms, a.response FROM attempts a"
+            "SELECT a.attempt, a.at, a.status_code, a.error, a.duration_ms, a.response, a.redelivery FROM attempts a"
             f" JOIN jobs j ON j.id = a.job_id WHERE a.job_id = ?{scope} ORDER BY a.attempt",
             (job_id, *params),
         )
@@ -760,12 +769,13 @@ class Store:
     async def record_attempt(self, job_id: str, number: int, started: float, seconds: float,
                              status_code: int | None, error: str | None,
                              status: str, next_attempt_at: float | None, answer: str | None = None) -> None:
-        """Store an attempt (with the receiver's answer, JSON) and what it made of its delivery."""
+        """Store an attempt (with the receiver's answer, JSON, and whether a redelivery's round
+        starts with it) and what it made of its delivery."""
         await self._write(
-            ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms, response)"
-             " SELECT ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM deliveries WHERE job_id = ? AND owner = ?)"
-             " ON CONFLICT (job_id, attempt) DO NOTHING",
-             (job_id, number, started, status_code, error, seconds * 1000, answer, job_id, self.instance)),
+            ("INSERT INTO attempts (job_id, attempt, at, status_code, error, duration_ms, response, redelivery)"
+             " SELECT ?, ?, ?, ?, ?, ?, ?, CASE WHEN round_start > 0 AND round_start + 1 = ? THEN 1 ELSE 0 END"
+             " FROM deliveries WHERE job_id = ? AND owner = ? ON CONFLICT (job_id, attempt) DO NOTHING",
+             (job_id, number, started, status_code, error, seconds * 1000, answer, number, job_id, self.instance)),
             ("UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
              " failed_at = ? WHERE job_id = ? AND owner = ?",
              (status, number, next_attempt_at, error, started if status == "failed" else None,
@@ -780,7 +790,7 @@ class Store:
             f" AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = deliveries.job_id{scope})", (job_id, *params), now))
 
     async def list_jobs(self, caller: Caller, statuses: Sequence[str], delivery_statuses: Sequence[str],
-                        prefix: str | None, before: str | None, limit: int) -> list[Row]:
+                        prefix: str | None, receiver: str | None, before: str | None, limit: int) -> list[Row]:
         """(job_id, status, created_at, completed_at, webhook_url, delivery_status, attempts,
         last_error, next_attempt_at, client) of jobs newest first, filtered, below the id `before`."""
         # Most jobs end completed and delivered: a filter on the other statuses reads small
@@ -793,6 +803,10 @@ class Store:
             common.append(f"j.status IN ({','.join('?' * len(statuses))})")
             if "completed" not in statuses:
                 common.append("j.status <> 'completed'")
+        if receiver:
+            condition, patterns = _goes_to(receiver)
+            common.append(condition)
+            params.extend(patterns)
         page = (prefix, before, limit, self.BYTE_ORDER)
         if not delivery_statuses or "delivered" in delivery_statuses:
             if delivery_statuses:
@@ -1017,6 +1031,25 @@ DELIVERY_STATUS = "coalesce(d.status, CASE WHEN j.webhook_url IS NOT NULL THEN '
 ALL_JOBS = "jobs j LEFT JOIN deliveries d ON d.job_id = j.id"
 STORED_DELIVERIES = "deliveries d JOIN jobs j ON j.id = d.job_id"
 LIST_QUERIES_AT_ONCE = 2
+RECEIVER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::([0-9]{1,5}))?")  # host, or host:port, lower case
+DEFAULT_PORTS = {"http": "80", "https": "443"}
+LIKE_URL = "(lower(j.webhook_url) || '/') LIKE ? ESCAPE '\\'"
+
+
+def _goes_to(receiver: str) -> Statement:
+    """The condition that a job's webhook_url goes to `receiver`: a host at any port, or
+    host:port, the port written or the scheme's default."""
+    host, port = RECEIVER.fullmatch(receiver).groups()  # type: ignore[union-attr]
+    starts = [f"{scheme}://{host}" + (f":{port}" if port else "") for scheme in DEFAULT_PORTS]
+    starts += [f"{scheme}://{host}" for scheme, default in DEFAULT_PORTS.items() if port == default]
+    # The URL is kept as submitted, so compared lower-cased; userinfo is refused, so the host
+    # follows the scheme, and the '/' appended ends a URL that has no path.
+    patterns = [_literal_like(start) + end + "%" for start in starts for end in ("/?#" if port else "/?#:")]
+    return (f"({' OR '.join([LIKE_URL] * len(patterns))})", patterns)
+
+
+def _literal_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _job_page(source: str, key: str, conditions: list[str], params: list[Any], prefix: str | None,
@@ -1057,6 +1090,12 @@ def _refuse_newer_schema(found: Any) -> None:
             f"the database has schema version {found}, newer than this webhookd ({__version__}) knows"
             f" ({SCHEMA_VERSION}); run a newer webhookd"
         )
+
+
+def _upgrades(found: Any) -> list[str]:
+    """The statements that bring a database of schema version `found` (None: a new one) to this one's."""
+    since = SCHEMA_VERSION if found is None else int(found)
+    return [statement for version in range(since + 1, SCHEMA_VERSION + 1) for statement in UPGRADES.get(version, ())]
 
 
 def _takeover(jobs: list[Row], deliveries: list[Row]) -> Takeover:
@@ -1144,9 +1183,8 @@ class SQLiteStore(Store):
         if version == 1:
             for table, column in (("jobs", "owner"), ("deliveries", "owner"), ("attempts", "response")):
                 await writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
-        if version is not None and version < 3:
-            for statement in UPGRADE_TO_3:
-                await writer.execute(statement)
+        for statement in _upgrades(version):
+            await writer.execute(statement)
         await writer.executescript(SCHEMA.format(real="REAL", bytes="BLOB", without_rowid=" WITHOUT ROWID",
                                                  owner_indexes=""))
         await writer.execute("INSERT OR REPLACE INTO settings (name, value) VALUES ('schema_version', ?)",
@@ -1367,9 +1405,8 @@ class PostgresStore(Store):
                     "SELECT value FROM settings WHERE name = 'schema_version'"
                 ) if await conn.fetchval("SELECT to_regclass('settings') IS NOT NULL") else None
                 _refuse_newer_schema(version)
-                if version is not None and int(version) < 3:
-                    for statement in UPGRADE_TO_3:
-                        await conn.execute(statement)
+                for statement in _upgrades(version):
+                    await conn.execute(statement)
                 await conn.execute(SCHEMA.format(real="DOUBLE PRECISION", bytes="BYTEA", without_rowid="",
                                                  owner_indexes=POSTGRES_OWNER_INDEXES))
                 await conn.execute(
@@ -3086,8 +3123,9 @@ CLIENTS = web.AppKey("clients", Clients)
 IDEMPOTENCY_IN_PROGRESS = web.AppKey("idempotency_in_progress", dict[tuple[str, str], asyncio.Future[None]])
 CALLER = web.RequestKey("caller", Caller)  # who is asking: set by the admission middleware
 
-# Open without --api-key: the health check, the API description and the page (which asks for the key).
-OPEN_PATHS = ("/healthz", "/openapi.json", "/", "/ui")
+# Open without --api-key: the health check, the API description and the page (which asks for the key)
+# with its icon.
+OPEN_PATHS = ("/healthz", "/openapi.json", "/", "/ui", "/favicon.ico")
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -3146,9 +3184,10 @@ async def webhook_status(request: web.Request) -> web.Response:
                 "success": is_success(code),
                 "error": error,
                 "duration_ms": round(duration_ms, 1),
+                "redelivery": bool(redelivery),
                 **({"response": json.loads(answer)} if answer else {}),
             }
-            for number, at, code, error, duration_ms, answer in attempts
+            for number, at, code, error, duration_ms, answer, redelivery in attempts
         ],
     })
 
@@ -3197,13 +3236,13 @@ DELIVERY_STATUSES = ("pending", "retrying", "delivered", "failed")
 
 
 async def list_jobs(request: web.Request) -> web.Response:
-    """GET /jobs: jobs newest first, filtered by status, delivery status and id prefix, a page at a time."""
+    """GET /jobs: jobs newest first, filtered by status, delivery status, id prefix and receiver, a page at a time."""
     query = request.query
     limit = _limit(query.get("limit", "50"))
     rows = await request.app[STORE].list_jobs(
         _list_scope(request[CALLER], query.get("client")),
         _choices(query, "status", JOB_STATUSES), _choices(query, "delivery_status", DELIVERY_STATUSES),
-        _prefix(query.get("q")), _cursor(query.get("before")), limit,
+        _prefix(query.get("q")), _receiver(query.get("receiver")), _cursor(query.get("before")), limit,
     )
     jobs = [
         {"job_id": job_id, "status": status, "created_at": iso_time(created), "completed_at": iso_time(completed),
@@ -3236,6 +3275,20 @@ def _prefix(value: str | None) -> str | None:
     if value is not None and not (value and len(value) <= 40 and value.isascii() and value.replace("-", "").isalnum()):
         raise web.HTTPBadRequest(text="q must be a job id or the start of one (letters, digits and -)")
     return value or None
+
+
+def _receiver(value: str | None) -> str | None:
+    if value is None:
+        return None
+    found = RECEIVER.fullmatch(value.lower())
+    try:
+        if not found or not 0 < int(found[2] or 1) < 65536:
+            raise BadWebhookURL
+        if not found[1].startswith("["):
+            _check_host_name(found[1])
+    except BadWebhookURL:
+        raise web.HTTPBadRequest(text="receiver must be a host, or host:port, as in hooks.example.com:8443") from None
+    return found[1] + (f":{int(found[2])}" if found[2] else "")
 
 
 def _encode_cursor(job_id: str) -> str:
@@ -3859,10 +3912,11 @@ PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>webhookd: recent deliveries</title>
+<link rel="icon" href="/favicon.ico" type="image/svg+xml">
 <style>
 :root { font: 14px/1.4 system-ui, sans-serif; color: #1d232b; background: #f6f7f9; }
 body { margin: 0; }
-header, main { max-width: 1200px; margin: 0 auto; padding: 12px 16px; }
+header, main { max-width: 1400px; margin: 0 auto; padding: 12px 16px; }
 h1 { font-size: 18px; margin: 0 0 8px; }
 h2 { font-size: 15px; margin: 16px 0 8px; }
 .counters { display: flex; flex-wrap: wrap; gap: 8px; }
@@ -3877,22 +3931,47 @@ button[aria-pressed="true"] { background: #2f6fdb; border-color: #2f6fdb; color:
 button:disabled { opacity: .5; cursor: not-allowed; }
 button:focus-visible, input:focus-visible { outline: 2px solid #f0a020; outline-offset: 1px; }
 input { border: 1px solid #b9c0ca; border-radius: 4px; padding: 3px 6px; }
-.layout { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 16px; }
-@media (max-width: 800px) { .layout { grid-template-columns: 1fr; } }
-@media (max-width: 600px) { table { display: block; overflow-x: auto; } th, td { white-space: nowrap; } }
+input[type="search"] { width: 10em; }
+.field { white-space: nowrap; }
+/* The list's eight columns need about 760 pixels; the detail reads well in 400. */
+.layout { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 28rem); gap: 16px; }
+@media (max-width: 1200px) { .layout { grid-template-columns: minmax(0, 1fr); } }
 table { width: 100%; border-collapse: collapse; background: #fff; }
-th, td { text-align: left; padding: 5px 6px; border-bottom: 1px solid #e6e9ee; overflow-wrap: anywhere; }
-tr.selected td { background: #eaf1fd; }
-td button { border-radius: 4px; font-family: ui-monospace, monospace; font-size: 12px; }
-td[class^="status-"] { white-space: nowrap; }
+th, td { text-align: left; vertical-align: top; padding: 5px; border-bottom: 1px solid #e6e9ee; }
+th, .job, .status, .delivery, .time { white-space: nowrap; }
+.receiver { white-space: nowrap; max-width: 16em; overflow: hidden; text-overflow: ellipsis; }  /* its title has the URL */
+.error, .url { overflow-wrap: anywhere; }
+.url { min-width: 16em; }
+tr.selected { background: #eaf1fd; }
+td button { border-radius: 4px; padding: 3px 6px; font-family: ui-monospace, monospace; font-size: 12px; }
 .status-delivered, .status-completed { color: #17803d; }
 .status-failed { color: #c22; }
 .status-retrying, .status-pending, .status-processing { color: #9a6700; }
-#detail { background: #fff; border: 1px solid #d8dce2; border-radius: 6px; padding: 10px 12px; }
+#detail { background: #fff; border: 1px solid #d8dce2; border-radius: 6px; padding: 10px 12px; overflow-wrap: anywhere; }
 #detail ol { padding-left: 20px; }
+#detail .id { font-family: ui-monospace, monospace; font-size: 13px; user-select: all; }
+#detail h2 button { font-size: 12px; font-weight: normal; }
+.round { font-weight: 600; color: #2f6fdb; }
 pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f1f3f6; padding: 6px; border-radius: 4px; font-size: 12px; max-height: 220px; overflow: auto; }
 .muted { color: #5d6673; }
 #key-form { background: #fff3cd; border: 1px solid #e0c36a; padding: 10px; border-radius: 6px; }
+@media (max-width: 600px) {
+  /* A table of eight columns does not fit a phone: each row becomes a card, with the job, its
+     delivery and its time on the first line, so that no one scrolls sideways to see a status. */
+  table, tbody, td { display: block; }
+  thead { display: none; }
+  tr { display: flex; flex-wrap: wrap; align-items: baseline; column-gap: 10px; padding: 6px; border-bottom: 1px solid #e6e9ee; }
+  tr::after { content: ""; flex-basis: 100%; order: 1; }  /* ends the first line */
+  td { border: 0; padding: 1px 0; order: 2; }
+  .job, .delivery, .time { order: 0; }
+  .time { margin-left: auto; }
+  .url, .error { flex-basis: 100%; }
+  .error { order: 3; }
+  .status::before { content: "job "; color: #5d6673; }
+  .attempts::before { content: "attempts "; color: #5d6673; }
+  .counter { min-width: 0; flex: 1 1 80px; }
+  .counter svg { width: 100%; }
+}
 [hidden] { display: none !important; }
 </style>
 </head>
@@ -3916,38 +3995,41 @@ pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f1f3f6; paddi
     <span class="muted">Job:</span>
     <button type="button" data-filter="status" data-value="completed" aria-pressed="false">completed</button>
     <button type="button" data-filter="status" data-value="failed" aria-pressed="false">failed</button>
-    <label for="search" class="muted">Job id</label>
-    <input id="search" type="search" placeholder="job-01a2…" spellcheck="false">
-    <label for="client" class="muted operator-only" hidden>Client</label>
-    <input id="client" class="operator-only" type="search" placeholder="name" spellcheck="false" hidden>
+    <span class="field"><label for="search" class="muted">Job id</label>
+      <input id="search" type="search" placeholder="job-01a2…" spellcheck="false"></span>
+    <span class="field"><label for="receiver" class="muted">Receiver</label>
+      <input id="receiver" type="search" placeholder="host[:port]" spellcheck="false"></span>
+    <span class="field operator-only" hidden><label for="client" class="muted">Client</label>
+      <input id="client" type="search" placeholder="name" spellcheck="false"></span>
   </div>
   <div class="layout">
     <section aria-label="Jobs">
       <table>
-        <thead><tr><th>Job</th><th id="client-head" hidden>Client</th><th>Job status</th><th>Delivery</th><th>Attempts</th><th>Last error</th><th>Created</th></tr></thead>
+        <thead><tr><th>Job</th><th id="client-head" hidden>Client</th><th>Receiver</th><th>Job status</th><th>Delivery</th><th>Attempts</th><th>Last error</th><th>Created</th></tr></thead>
         <tbody id="jobs"></tbody>
       </table>
       <p><button type="button" id="more">Load more</button> <span id="list-note" class="muted"></span></p>
       <h2>Dead letter</h2>
       <div class="controls">
-        <label for="since">Redeliver all failed since</label>
+        <label for="since">Redeliver all failed since (UTC)</label>
         <input id="since" type="datetime-local">
         <button type="button" id="count-failed">Count</button>
         <button type="button" id="redeliver-all" disabled>Redeliver them</button>
         <span id="bulk-note" class="muted" aria-live="polite"></span>
       </div>
-      <table>
+      <table id="dead-table">
         <thead><tr><th>Job</th><th>Webhook URL</th><th>Attempts</th><th>Last error</th><th>Failed at</th></tr></thead>
         <tbody id="dead"></tbody>
       </table>
+      <p id="dead-note" class="muted"></p>
     </section>
     <section id="detail" aria-live="polite"><p class="muted">Choose a job to see its delivery.</p></section>
   </div>
 </main>
 <script>
 "use strict";
-const state = { filters: { status: new Set(), delivery_status: new Set() }, q: "", client: "", shown: 50,
-  listCalls: 0, selected: null, redeliverError: "", until: null, history: [] };
+const state = { filters: { status: new Set(), delivery_status: new Set() }, q: "", client: "", receiver: "",
+  shown: 50, listCalls: 0, selected: null, redeliverError: "", until: null, history: [] };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, text, attributes = {}) {
@@ -3971,10 +4053,13 @@ async function api(path, options = {}) {
 function listQuery(limit, before) {
   const params = new URLSearchParams({ limit: String(limit) });
   for (const [name, values] of Object.entries(state.filters)) if (values.size) params.set(name, [...values].join(","));
-  if (state.q) params.set("q", state.q);
-  if (state.client) params.set("client", state.client);
+  for (const name of ["q", "client", "receiver"]) if (state[name]) params.set(name, state[name]);
   if (before) params.set("before", before);
   return "/jobs?" + params;
+}
+
+function filtered() {
+  return Object.values(state.filters).some((values) => values.size) || Boolean(state.q || state.client || state.receiver);
 }
 
 async function refreshList() {
@@ -3986,7 +4071,7 @@ async function refreshList() {
       jobs.push(...page.jobs);
       next = page.next;
     } while (next && jobs.length < wanted);
-    note = jobs.length ? "" : "No job matches.";
+    note = jobs.length ? "" : filtered() ? "No job matches." : "No jobs yet.";
   } catch (error) { jobs = []; next = null; note = error.message; }
   if (call !== state.listCalls) return;  // a later call, with newer filters, shows its own
   const clients = jobs.some((job) => job.client);  // a column only where there are clients
@@ -3997,9 +4082,12 @@ async function refreshList() {
 }
 
 function jobCell(jobId) {
-  const open = el("button", jobId, { type: "button", "aria-label": "Show " + jobId });
+  // An id starts with its time in milliseconds, the same for every job of a burst: its last
+  // digits, random, are what tells the jobs of a page apart.
+  const open = el("button", jobId.replace(/^job-[0-9a-f]{24}([0-9a-f]{8})$/, "job-\\u2026$1"),
+    { type: "button", title: jobId, "aria-label": "Show " + jobId });
   open.addEventListener("click", () => select(jobId));
-  const cell = el("td"); cell.append(open);
+  const cell = el("td", null, { class: "job" }); cell.append(open);
   return cell;
 }
 
@@ -4008,23 +4096,44 @@ function jobRow(job, clients) {
   if (job.job_id === state.selected) row.className = "selected";
   row.append(jobCell(job.job_id));
   if (clients) row.append(el("td", job.client || "(operator)", { class: job.client ? "" : "muted" }));
-  row.append(el("td", job.status, { class: "status-" + job.status }),
-    el("td", job.delivery_status || "no webhook", { class: "status-" + (job.delivery_status || "none") }),
-    el("td", job.attempts), el("td", job.last_error || ""), el("td", job.created_at));
+  row.append(receiverCell(job.webhook_url), el("td", job.status, { class: "status status-" + job.status }),
+    el("td", job.delivery_status || "no webhook", { class: "delivery status-" + (job.delivery_status || "none") }),
+    el("td", job.attempts, { class: "attempts" }), el("td", job.last_error || "", { class: "error" }), timeCell(job.created_at));
   return row;
+}
+
+function receiverCell(url) {
+  if (!url) return el("td", null, { class: "receiver" });
+  let host;
+  try { host = new URL(url).host; } catch (error) { host = url; }
+  return el("td", host, { class: "receiver", title: url });
+}
+
+function timeCell(iso) {
+  const cell = el("td", null, { class: "time" });
+  if (iso) cell.append(el("time", ago(Date.parse(iso)), { datetime: iso, title: iso }));
+  return cell;
+}
+
+function ago(moment) {
+  const minutes = Math.floor((Date.now() - moment) / 60000);
+  if (minutes < 1) return "just now";
+  if (minutes < 60) return minutes + " min ago";
+  return minutes < 48 * 60 ? Math.floor(minutes / 60) + " h ago" : Math.floor(minutes / 1440) + " d ago";
 }
 
 async function select(jobId) {
   state.selected = jobId;
   state.redeliverError = "";
   await Promise.all([refreshList(), refreshDetail()]);
+  if ($("detail").getBoundingClientRect().top > innerHeight) $("detail").scrollIntoView();  // one column: it is below
 }
 
 async function refreshDetail() {
   const jobId = state.selected;
   if (!jobId) return;
   const job = await api("/jobs/" + encodeURIComponent(jobId));
-  const panel = [el("h2", jobId), el("p", "Job " + job.status + (job.error ? ": " + job.error : ""))];
+  const panel = [idHeading(jobId), el("p", "Job " + job.status + (job.error ? ": " + job.error : ""))];
   if (job.result) panel.push(el("p", "Result: " + job.result.sentiment + ", confidence " + job.result.confidence));
   if (!job.webhook_url) { $("detail").replaceChildren(...panel, el("p", "No webhook URL.")); return; }
   const [delivery, sent] = await Promise.all([
@@ -4036,6 +4145,20 @@ async function refreshDetail() {
   panel.push(redeliverButton(jobId, delivery.delivery_status), el("h2", "Attempts"), attemptList(delivery.attempts, sent));
   panel.push(el("h2", "Body sent (the same bytes on every attempt)"), el("pre", sent.body));
   $("detail").replaceChildren(...panel);
+}
+
+function idHeading(jobId) {
+  const heading = el("h2");
+  heading.append(el("span", jobId, { class: "id" }));
+  if (navigator.clipboard) heading.append(" ", copyButton(jobId));  // only on https, or on localhost
+  return heading;
+}
+
+function copyButton(text) {
+  const button = el("button", "copy", { type: "button", "aria-label": "Copy " + text });
+  button.addEventListener("click", () => navigator.clipboard.writeText(text).then(
+    () => { button.textContent = "copied"; }, () => { button.textContent = "select the id to copy it"; }));
+  return button;
 }
 
 function redeliverButton(jobId, status) {
@@ -4064,7 +4187,7 @@ function attemptList(attempts, sent) {
     item.append(el("div", attempt.timestamp + ": " + outcome + " in " + attempt.duration_ms + " ms" +
       (attempt.success ? ", delivered" : "")));
     const next = attempts[index + 1];
-    if (next) item.append(el("div", "then waited " + ((Date.parse(next.timestamp) - Date.parse(attempt.timestamp)) / 1000).toFixed(1) + " s", { class: "muted" }));
+    if (next) item.append(pause(attempt, next));
     if (attempt.error && attempt.error !== "HTTP " + attempt.status_code) item.append(el("div", attempt.error));
     const headers = (sent.attempts.find((a) => a.attempt === attempt.attempt) || {}).headers;
     if (headers) item.append(el("div", "Request headers", { class: "muted" }), el("pre", formatHeaders(headers)));
@@ -4077,6 +4200,13 @@ function attemptList(attempts, sent) {
   return list;
 }
 
+function pause(attempt, next) {
+  // A redelivery's round is someone's decision, not a backoff: the time before it is no wait.
+  const seconds = ((Date.parse(next.timestamp) - Date.parse(attempt.timestamp)) / 1000).toFixed(1) + " s";
+  return next.redelivery ? el("div", "then redelivered, " + seconds + " later", { class: "round" })
+    : el("div", "then waited " + seconds, { class: "muted" });
+}
+
 function formatHeaders(headers) {
   return Object.entries(headers).map(([name, value]) => name + ": " + value).join("\\n");
 }
@@ -4085,13 +4215,18 @@ async function refreshDeadLetter() {
   const page = await api("/webhooks/dead-letter?limit=50");
   $("dead").replaceChildren(...page.deliveries.map((d) => {
     const row = el("tr");
-    row.append(jobCell(d.job_id), el("td", d.webhook_url), el("td", d.attempts), el("td", d.last_error || ""), el("td", d.failed_at));
+    row.append(jobCell(d.job_id), el("td", d.webhook_url, { class: "url" }), el("td", d.attempts, { class: "attempts" }),
+      el("td", d.last_error || "", { class: "error" }), timeCell(d.failed_at));
     return row;
   }));
+  $("dead-table").hidden = !page.deliveries.length;
+  $("dead-note").textContent = page.deliveries.length ? "" : "Nothing in the dead letter.";
 }
 
 function bulkBody(dryRun) {
-  return JSON.stringify({ since: new Date($("since").value).toISOString(), until: state.until, dry_run: dryRun });
+  // The picker's time is UTC, as its label says, whatever the browser's time zone.
+  const since = new Date($("since").value + "Z").toISOString();
+  return JSON.stringify({ since, until: state.until, dry_run: dryRun });
 }
 
 async function countFailed() {
@@ -4166,8 +4301,9 @@ for (const chip of document.querySelectorAll("[data-filter]")) {
     refreshList();
   });
 }
-$("search").addEventListener("input", () => { state.q = $("search").value.trim(); state.shown = 50; refreshList(); });
-$("client").addEventListener("input", () => { state.client = $("client").value.trim(); state.shown = 50; refreshList(); });
+for (const [box, name] of [["search", "q"], ["client", "client"], ["receiver", "receiver"]]) {
+  $(box).addEventListener("input", () => { state[name] = $(box).value.trim(); state.shown = 50; refreshList(); });
+}
 $("more").addEventListener("click", () => { state.shown += 50; refreshList(); });
 $("count-failed").addEventListener("click", () => countFailed().catch((error) => { $("bulk-note").textContent = error.message; }));
 $("redeliver-all").addEventListener("click", () => redeliverAll().catch((error) => { $("bulk-note").textContent = error.message; }));
@@ -4203,6 +4339,18 @@ PAGE_HEADERS = {"Content-Security-Policy": _page_policy(PAGE), "X-Content-Type-O
 async def page(request: web.Request) -> web.Response:
     """GET / and /ui: the Recent Deliveries page; it carries no data and no key."""
     return web.Response(text=PAGE, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+
+
+# A tick in the page's blue. Browsers ask for an icon whether a page names one or not, and the
+# 404 they would get is an error in the console of everyone who opens the page.
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3"'
+           b' fill="#2f6fdb"/><path d="M3.5 8.5l3 3 6-7" fill="none" stroke="#fff" stroke-width="2"/></svg>')
+
+
+async def favicon(request: web.Request) -> web.Response:
+    """GET /favicon.ico: the page's icon, an SVG."""
+    return web.Response(body=FAVICON, content_type="image/svg+xml",
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=86400"})
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -4306,10 +4454,12 @@ OPENAPI: dict[str, Any] = {
                     "attempts": {"type": "integer"}, "last_error": {"type": ["string", "null"]},
                     "next_attempt_at": NULLABLE_TIME, "client": OWNER}}}}},
             "Attempt": {"type": "object", "required": ["attempt", "timestamp", "status_code", "success", "error",
-                                                       "duration_ms"], "properties": {
+                                                       "duration_ms", "redelivery"], "properties": {
                 "attempt": {"type": "integer", "minimum": 1}, "timestamp": TIME,
                 "status_code": {"type": ["integer", "null"]}, "success": {"type": "boolean"},
                 "error": {"type": ["string", "null"]}, "duration_ms": {"type": "number"},
+                "redelivery": {"type": "boolean",
+                               "description": "the first attempt of a round that a redelivery (one job's or bulk) started"},
                 "response": {"type": "object", "properties": {
                     "headers": {"type": "object", "additionalProperties": {"type": "string"}},
                     "body": {"type": "string"}, "truncated": {"type": "boolean"}}}}},
@@ -4355,6 +4505,8 @@ OPENAPI: dict[str, Any] = {
                 {"name": "status", "in": "query", "schema": {"type": "string"}, "description": "repeat or a,b"},
                 {"name": "delivery_status", "in": "query", "schema": {"type": "string"}},
                 {"name": "q", "in": "query", "schema": {"type": "string"}, "description": "a job id or its start"},
+                {"name": "receiver", "in": "query", "schema": {"type": "string"},
+                 "description": "jobs whose webhook_url goes to this host (any port), or host:port"},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                 {"name": "before", "in": "query", "schema": {"type": "string"}, "description": "the last page's next"},
                 {"name": "client", "in": "query", "schema": {"type": "string"},
@@ -4444,6 +4596,9 @@ OPENAPI: dict[str, Any] = {
         "/ui": {"get": {
             "summary": "The same page", "security": [{}],
             "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/favicon.ico": {"get": {
+            "summary": "The page's icon", "security": [{}],
+            "responses": {"200": {"description": "SVG", "content": {"image/svg+xml": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {
             "summary": "This description", "security": [{}],
             "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}}}},
@@ -4481,6 +4636,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/", page)
     app.router.add_get("/ui", page)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/stats", stats)
     app.router.add_get("/webhooks/{job_id}/request", request_sent)
     app.router.add_post("/clients", post_client)
