@@ -881,14 +881,12 @@ class Store:
 
     async def clients(self, name: str | None = None) -> list[ClientInfo]:
         """Every client (or the one named), by name, with its key ids and how many secrets sign."""
-        one, params = (" AND client = ?", (name,)) if name is not None else ("", ())
-        rows = await self._fetch("SELECT name, created_at, disabled FROM clients WHERE name = coalesce(?, name)"
-                                 " ORDER BY name", (name,))
-        keys = await self._fetch(f"SELECT client, id, created_at FROM client_keys WHERE 1 = 1{one}"
-                                 " ORDER BY created_at, id", params)
-        signing = dict(await self._fetch("SELECT client, count(*) FROM client_secrets"
-                                         f" WHERE (until IS NULL OR until > ?){one} GROUP BY client",
-                                         (time.time(), *params)))
+        rows = await self._fetch(
+            "SELECT name, created_at, disabled FROM clients WHERE name = coalesce(?, name) ORDER BY name", (name,))
+        keys = await self._fetch("SELECT client, id, created_at FROM client_keys WHERE client = coalesce(?, client)"
+                                 " ORDER BY created_at, id", (name,))
+        signing = dict(await self._fetch("SELECT client, count(*) FROM client_secrets WHERE client = coalesce(?, client)"
+                                         " AND (until IS NULL OR until > ?) GROUP BY client", (name, time.time())))
         return [ClientInfo(row[0], row[1], bool(row[2]), [(k[1], k[2]) for k in keys if k[0] == row[0]],
                            signing.get(row[0], 0)) for row in rows]
 
