@@ -74,7 +74,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 from yarl import URL
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 
 def require_python(version: tuple[int, int] = (sys.version_info.major, sys.version_info.minor)) -> None:
