@@ -2985,6 +2985,14 @@ async def test_a_disabled_client_is_refused_but_its_accepted_work_is_delivered(
     Webhook(acme["secret"]).verify(receiver.arrivals[-1].body, receiver.arrivals[-1].headers)
 
 
+def test_a_client_whose_secrets_are_not_read_yet_is_a_moments_wait_not_an_error() -> None:
+    operator = webhookd.Signer([SECRET])
+    clients = webhookd.Clients(None, operator)  # type: ignore[arg-type]  # nothing read yet
+    assert clients.signer("") is operator
+    with pytest.raises(webhookd.StoreUnavailable, match="not read yet"):
+        clients.signer("made-elsewhere")
+
+
 async def test_no_key_is_kept_in_the_database_files(make_service: Callable[..., Any], config: Config) -> None:
     service = await make_service(api_key=OPERATOR_KEY)
     acme = await new_client(service, "acme")

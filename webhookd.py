@@ -1714,7 +1714,12 @@ class Clients:
 
     def signer(self, client: str) -> Signer:
         """The signer of a job's webhooks: its client's secrets, or the operator's for ''."""
-        return self._signers[client] if client else self._operator_signer
+        if not client:
+            return self._operator_signer
+        try:
+            return self._signers[client]
+        except KeyError:  # made on another instance within the last refresh: a moment's wait
+            raise StoreUnavailable(f"the secrets of client {client} are not read yet") from None
 
     async def refresh(self) -> None:
         """Read every client, key hash and secret again."""
