@@ -2804,6 +2804,9 @@ async def test_a_client_gets_a_key_and_a_secret_shown_once(make_service: Callabl
     own = bearer(acme["api_key"]["key"])
     assert (await service.get("/clients/acme", headers=own)).status == 200
     assert (await service.get("/clients/globex", headers=own)).status == 404  # as if unknown
+    for path in ("/clients/a%00b", "/clients/acme/keys/key_%00"):  # PostgreSQL cannot even be asked
+        response = await service.request("DELETE" if "keys" in path else "GET", path, headers=OPERATOR)
+        assert response.status == 404, path
     for method, path in (("GET", "/clients"), ("POST", "/clients"), ("PATCH", "/clients/acme"),
                          ("GET", "/metrics"), ("GET", "/stats")):
         assert (await service.request(method, path, json={"name": "x"}, headers=own)).status == 403, path
@@ -2841,6 +2844,7 @@ async def test_another_clients_job_answers_exactly_as_an_unknown_one(
     status = await (await service.get(f"/webhooks/{theirs}/status", headers=OPERATOR)).json()
     assert status["delivery_status"] == "failed" and status["client"] == "a"  # not touched by b's bulk call
     assert (await service.get("/jobs?client=a", headers=bearer(b))).status == 400
+    assert (await service.get("/jobs?client=a%00", headers=OPERATOR)).status == 400
     by_a = await (await service.get("/jobs?client=a", headers=OPERATOR)).json()
     assert [(j["job_id"], j["client"]) for j in by_a["jobs"]] == [(theirs, "a")]
 

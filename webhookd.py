@@ -1668,6 +1668,7 @@ def verify_webhook_signature(keys: Iterable[bytes], body: bytes, headers: Any, n
 
 CLIENT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 KEY_PREFIX = "whk_"  # so that secret scanners can tell a leaked key
+KEY_ID = re.compile(r"key_[0-9a-f]{12}")
 
 
 def new_client_key() -> tuple[str, str, str]:
@@ -3264,6 +3265,8 @@ def _list_scope(caller: Caller, client: str | None) -> Caller:
         return caller
     if caller.client is not None:
         raise web.HTTPBadRequest(text="client is the operator's filter: a client's key lists its own jobs only")
+    if not CLIENT_NAME.fullmatch(client):
+        raise web.HTTPBadRequest(text="client must be a client's name: 1 to 64 of a-z 0-9 . _ -")
     return Caller(client, caller.operator)
 
 
@@ -3431,8 +3434,10 @@ async def post_client_key(request: web.Request) -> web.Response:
 
 async def delete_client_key(request: web.Request) -> web.Response:
     """DELETE /clients/{name}/keys/{key_id}: the key is refused from now on."""
-    name = _client_named(request, self_service=True)
-    await _changed(request, revoke_client_key(request.app[STORE], name, request.match_info["key_id"]), 204)
+    name, key_id = _client_named(request, self_service=True), request.match_info["key_id"]
+    if not KEY_ID.fullmatch(key_id):  # no key has such an id (and PostgreSQL could not be asked about a NUL)
+        raise web.HTTPNotFound(text=f"client {name!r} has no key {key_id!r}")
+    await _changed(request, revoke_client_key(request.app[STORE], name, key_id), 204)
     return web.Response(status=204)
 
 
@@ -3453,7 +3458,7 @@ def _client_named(request: web.Request, self_service: bool) -> str:
     """The client in the path, if the caller may manage it: the operator any, a client itself
     (only for what it may do itself); another client's name answers as an unknown one."""
     name, caller = request.match_info["name"], request[CALLER]
-    if caller.client is not None and caller.client != name:
+    if (caller.client is not None and caller.client != name) or not CLIENT_NAME.fullmatch(name):
         raise web.HTTPNotFound(text=f"no client {name!r}")
     if caller.client is None or not self_service:
         _require_operator(request)
