@@ -21,16 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
-import resource
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -39,73 +34,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from harness import STARTED, add_client, busy_seconds, cpu_seconds, free_port, ready, serve, stop
+
 HERE = Path(__file__).resolve().parent.parent
 WARM_UP = 200
-STARTED: list[subprocess.Popen[bytes]] = []  # killed, process group and all, however the script ends
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def add_client(webhookd: Path, db: Path, name: str) -> str:
-    """Make a client on the db with the command line; its API key."""
-    made = subprocess.run([sys.executable, str(webhookd), "clients", "add", name, "--db", str(db)],
-                          check=True, capture_output=True, text=True, timeout=60)
-    return json.loads(made.stdout)["api_key"]["key"]
-
-
-def serve(webhookd: Path, db: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
-    with open(log, "wb") as stderr:
-        process = subprocess.Popen(
-            ["taskset", "-c", "0", sys.executable, str(webhookd), "serve", "--port", str(port), "--db", str(db),
-             "--allow-private-urls", "--secret", secret, "--log-level", "warning"],
-            cwd=webhookd.parent, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
-        )
-    STARTED.append(process)
-    return process
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU of a process, all its threads, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def busy_seconds() -> float:
-    """CPU time the whole machine spent busy (every core, every process), from /proc/stat."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-async def ready(session: aiohttp.ClientSession, url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    for _ in range(300):
-        if process.poll() is not None:
-            raise SystemExit(f"webhookd exited ({process.returncode}): {log.read_text()[-2000:]}")
-        try:
-            async with session.get(url + "/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise SystemExit(f"{url} did not get ready in 30 s: {log.read_text()[-2000:]}")
-
-
 async def closed_loop(session: aiohttp.ClientSession, url: str, headers: dict[str, str], receiver: str,
                       first: int, jobs: int, concurrency: int, counts: Counter[str | int]) -> list[str]:
     """Send jobs first..first+jobs-1 from `concurrency` submitters, each waiting for its answer; their ids."""
@@ -178,12 +110,12 @@ async def run(args: argparse.Namespace, with_client: bool) -> dict[str, float]:
             await ready(session, url, process, log)
             warm = await closed_loop(session, url, headers, receiver, 0, WARM_UP, args.concurrency, Counter())
             await delivered(warm, arrivals, time.monotonic() + 60)
-            cpu_before, own_before, busy_before = cpu_seconds(process.pid), own_cpu_seconds(), busy_seconds()
+            cpu_before, own_before, busy_before = cpu_seconds(process.pid), cpu_seconds(), busy_seconds()
             first_submit = time.monotonic()
             accepted = await closed_loop(session, url, headers, receiver, WARM_UP, args.jobs, args.concurrency, counts)
             missing = await delivered(accepted, arrivals, time.monotonic() + args.drain)
             wall = time.monotonic() - first_submit
-            cpu, own = cpu_seconds(process.pid) - cpu_before, own_cpu_seconds() - own_before
+            cpu, own = cpu_seconds(process.pid) - cpu_before, cpu_seconds() - own_before
             busy = busy_seconds() - busy_before
     finally:
         stop(process)
