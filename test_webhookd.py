@@ -3038,6 +3038,26 @@ async def test_a_flooding_client_is_told_to_wait_and_delays_another_by_about_a_b
         assert workers.queue.held("flood") > 0
 
 
+async def test_a_receiver_shared_by_two_clients_takes_their_webhooks_in_turn(
+    make_service: Callable[..., Any], make_receiver: Callable[..., Any]
+) -> None:
+    release = asyncio.Event()
+    shared = await make_receiver(hangs_until(release))
+    service = await make_service(api_key=OPERATOR_KEY)
+    flood, quiet = (await new_client(service, "flood"))["api_key"]["key"], (await new_client(service, "quiet"))["api_key"]["key"]
+    for n in range(20):
+        await submit_as(service, flood, f"flood {n}", webhook_url=shared.url())
+    await shared.wait_for(1)  # a new receiver: one attempt at a time, and this one hangs
+    engine = service.app[webhookd.ENGINE]
+    await wait_until(lambda: asyncio.sleep(0, engine.held("flood") == 19), "the flood's webhooks to be due")
+    quiet_id = (await submit_as(service, quiet, "quiet", webhook_url=shared.url()))["job_id"]
+    await wait_until(lambda: asyncio.sleep(0, engine.held("quiet") == 1), "the quiet client's webhook to be due")
+    release.set()
+    arrivals = await shared.wait_for(21)
+    # Its turn came after one more of the flood's, not after the other 19.
+    assert [a.json["job_id"] for a in arrivals].index(quiet_id) == 2
+
+
 @both_stores
 async def test_a_database_of_webhookd_1_1_is_upgraded_and_its_jobs_are_the_operators(
     make_service: Callable[..., Any], config: Config, tmp_path: Path

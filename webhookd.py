@@ -62,7 +62,7 @@ from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, Generic, NamedTuple, NoReturn, TypeVar
 
 import aiohttp
 import aiosqlite
@@ -2348,6 +2348,55 @@ def is_success(status_code: int | None) -> bool:
     return status_code is not None and 200 <= status_code < 300
 
 
+Item = TypeVar("Item")
+
+
+class Turns(Generic[Item]):
+    """Items waiting in a line per client (the operator's is ''), taken from the clients in
+    turn: a burst of one client's items delays another client's next one by a turn, not by the
+    whole burst. The inference queue is one; each receiver's due attempts are another."""
+
+    def __init__(self) -> None:
+        self._lines: OrderedDict[str, deque[Item]] = OrderedDict()  # the next turn first
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def held(self, client: str) -> int:
+        """A client's items waiting."""
+        line = self._lines.get(client)
+        return len(line) if line else 0
+
+    def append(self, client: str, item: Item) -> None:
+        """Queue an item at the end of its client's line."""
+        line = self._lines.get(client)
+        if line is None:
+            line = self._lines[client] = deque()
+        line.append(item)
+        self._size += 1
+
+    def popleft(self) -> Item:
+        """The next item of the client whose turn it is; its line then goes to the back."""
+        client, line = next(iter(self._lines.items()))
+        item = line.popleft()
+        self._size -= 1
+        if line:
+            self._lines.move_to_end(client)
+        else:
+            del self._lines[client]
+        return item
+
+    def firsts(self) -> Iterator[Item]:
+        """The item at the head of each client's line."""
+        return (line[0] for line in self._lines.values())
+
+    def clear(self) -> None:
+        """Drop every item waiting."""
+        self._lines.clear()
+        self._size = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one attempt came to."""
@@ -2400,7 +2449,7 @@ class DeliveryEngine:
     Every delivery's next attempt time is in the db; in memory there is a heap of (monotonic
     time, job id) for the deliveries waiting for a retry, and the payload only of those about to
     be sent. Attempts run concurrently up to max_in_flight, shared round robin between receivers
-    (scheme, host, port). Each receiver's own limit adapts: it starts at one attempt at a time,
+    (scheme, host, port), and a receiver's turns between the clients whose webhooks it takes. Each receiver's own limit adapts: it starts at one attempt at a time,
     grows by one with each fast answer up to a quarter of the slots, and halves on a timeout or a
     connection error. Receivers not known to answer fast (new ones, and those whose last answer
     took over SLOW_SECONDS or never came) share at most half of the slots, so however many new
@@ -2426,7 +2475,7 @@ class DeliveryEngine:
         self._timers: list[tuple[float, str]] = []
         self._timer_wake = asyncio.Event()
         self._active: set[str] = set()  # job ids with a round under way
-        self._queues: dict[str, deque[tuple[float, Delivery]]] = {}  # by receiver: (due since, monotonic)
+        self._queues: dict[str, Turns[tuple[float, Delivery]]] = {}  # by receiver: (monotonic due since, delivery)
         self._due_by_client: Counter[str] = Counter()
         self._busy: Counter[str] = Counter()
         self._ready: OrderedDict[str, None] = OrderedDict()  # receivers with work and a free slot
@@ -2456,7 +2505,7 @@ class DeliveryEngine:
     def oldest_due(self) -> float:
         """Seconds the oldest attempt that is due has waited for a slot; 0 if none waits."""
         now = time.monotonic()
-        return now - min((queue[0][0] for queue in self._queues.values() if queue), default=now)
+        return now - min((first[0] for queue in self._queues.values() for first in queue.firsts()), default=now)
 
     def held(self, client: str) -> int:
         """A client's attempts due and waiting for a slot."""
@@ -2504,7 +2553,10 @@ class DeliveryEngine:
         """Attempt a delivery as soon as a slot for its receiver is free."""
         self._active.add(delivery.job_id)
         receiver = _target_or_invalid(delivery.url).receiver
-        self._queues.setdefault(receiver, deque()).append((time.monotonic(), delivery))
+        queue = self._queues.get(receiver)
+        if queue is None:
+            queue = self._queues[receiver] = Turns()
+        queue.append(delivery.client, (time.monotonic(), delivery))
         self._due_by_client[delivery.client] += 1
         self._mark_ready(receiver)
         self._start_attempts()
@@ -2822,60 +2874,37 @@ def loggable_url(url: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-class FairQueue:
-    """Jobs waiting for inference, a line per client (the operator's is ''), taken from the
-    clients in turn: a burst of one client's jobs delays another client's next job by about one
-    batch, not by the whole burst."""
+class FairQueue(Turns[Job]):
+    """Jobs waiting for inference, taken from the clients in turn, so a batch is filled from
+    several clients."""
 
     def __init__(self) -> None:
-        self._lines: OrderedDict[str, deque[Job]] = OrderedDict()  # the next turn first
-        self._size = 0
+        super().__init__()
         self._arrived = asyncio.Event()
 
     def qsize(self) -> int:
         """Jobs waiting, of every client."""
-        return self._size
+        return len(self)
 
     def empty(self) -> bool:
         """Whether no job waits."""
-        return not self._size
-
-    def held(self, client: str) -> int:
-        """A client's jobs waiting."""
-        line = self._lines.get(client)
-        return len(line) if line else 0
+        return not self
 
     def put_nowait(self, job: Job) -> None:
         """Queue a job at the end of its client's line."""
-        line = self._lines.get(job.client)
-        if line is None:
-            line = self._lines[job.client] = deque()
-        line.append(job)
-        self._size += 1
+        self.append(job.client, job)
         self._arrived.set()
 
     def get_nowait(self) -> Job:
-        """The next job of the client whose turn it is; its line then goes to the back."""
-        client, line = next(iter(self._lines.items()))
-        job = line.popleft()
-        self._size -= 1
-        if line:
-            self._lines.move_to_end(client)
-        else:
-            del self._lines[client]
-        return job
+        """The next job of the client whose turn it is."""
+        return self.popleft()
 
     async def get(self) -> Job:
         """The next job, once there is one."""
-        while not self._size:
+        while not self:
             self._arrived.clear()
             await self._arrived.wait()
-        return self.get_nowait()
-
-    def clear(self) -> None:
-        """Drop every job waiting."""
-        self._lines.clear()
-        self._size = 0
+        return self.popleft()
 
 
 RESUME_PAGE = 500  # taken-over jobs read from the db at a time
