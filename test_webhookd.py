@@ -393,6 +393,26 @@ async def test_a_write_that_fails_leaves_nothing_behind_and_fails_alone(config: 
     assert await query(config.db, "SELECT id FROM jobs") == [(good.id,)]
 
 
+@both_stores
+async def test_an_attempts_record_shares_the_next_commit_and_alone_is_still_committed(config: Config) -> None:
+    store = await webhookd.open_store(config.db, webhookd.Loops(), 2.0)
+    job = webhookd.Job(webhookd.new_job_id(), "sent", "http://127.0.0.1:9/hook", None, time.time())
+    try:
+        await store.add_job(job)
+        await store.record_results([(job, "{}", None, b"{}")], time.time())
+        before = store.commits
+        attempt = asyncio.create_task(store.record_attempt(job.id, 1, time.time(), 0.001, 200, None, "delivered", None))
+        await asyncio.sleep(0)
+        await store.add_job(webhookd.Job(webhookd.new_job_id(), "next", None, None, time.time()))
+        await attempt
+        assert store.commits == before + 1  # the new job's commit took the attempt with it
+        await store.record_attempt(job.id, 2, time.time(), 0.001, 200, None, "delivered", None)
+        assert store.commits == before + 2
+    finally:
+        await store.close()
+    assert await query(config.db, "SELECT attempt FROM attempts ORDER BY attempt") == [(1,), (2,)]
+
+
 async def test_a_takeover_at_start_up_that_the_db_refused_comes_again(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1508,12 +1528,12 @@ async def test_a_failed_db_write_is_tried_again_not_lost(
     write = store._write
     failures = {"UPDATE jobs SET status": 1, "INSERT INTO attempts": 1}
 
-    async def flaky_write(*statements: webhookd.Statement) -> None:
+    async def flaky_write(*statements: webhookd.Statement, **options: Any) -> None:
         for prefix, left in failures.items():
             if left and statements[0][0].startswith(prefix):
                 failures[prefix] -= 1
                 raise sqlite3.OperationalError("database is locked")
-        await write(*statements)
+        await write(*statements, **options)
 
     monkeypatch.setattr(store, "_write", flaky_write)
     job_id = (await submit(service, webhook_url=receiver.url()))["job_id"]
