@@ -1544,6 +1544,26 @@ async def test_a_failed_db_write_is_tried_again_not_lost(
     assert "database is locked" in caplog.text
 
 
+async def test_a_receivers_slot_is_free_once_it_answered_not_once_the_attempt_is_stored(
+    make_service: Callable[..., Any], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = await make_service(max_in_flight=2)  # a receiver's share: one attempt at a time
+    store, stored = service.app[webhookd.STORE], asyncio.Event()
+    write = store._write
+
+    async def attempts_stored_late(*statements: webhookd.Statement, **options: Any) -> None:
+        if statements[0][0].startswith("INSERT INTO attempts"):
+            await stored.wait()
+        await write(*statements, **options)
+
+    monkeypatch.setattr(store, "_write", attempts_stored_late)
+    ids = [(await submit(service, f"text {n}", webhook_url=receiver.url()))["job_id"] for n in range(3)]
+    await receiver.wait_for(3)  # one after the other, though none is stored yet
+    stored.set()
+    for job_id in ids:
+        await wait_for_status(service, job_id, "delivered")
+
+
 async def test_a_model_error_that_is_not_valid_unicode_fails_only_its_job(
     make_service: Callable[..., Any], receiver: Receiver
 ) -> None:

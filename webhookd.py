@@ -2501,6 +2501,7 @@ class DeliveryEngine:
         self._slow_in_flight = 0
         self._waiting_for_slow_share: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._attempts: set[asyncio.Task[None]] = set()
+        self._sending = 0  # attempts waiting for their receiver's answer
         self._stopping = False
 
     @property
@@ -2636,7 +2637,7 @@ class DeliveryEngine:
 
     def _start_attempts(self) -> None:
         # Round robin over receivers: each free slot goes to the receiver that waited longest.
-        while (self._ready and len(self._attempts) < self._config.max_in_flight and not self._stopping
+        while (self._ready and self._sending < self._config.max_in_flight and not self._stopping
                and self._fence.is_open()):
             receiver, _ = self._ready.popitem(last=False)
             if not self._has_room(receiver):  # the slow receivers' share filled up meanwhile
@@ -2646,20 +2647,22 @@ class DeliveryEngine:
             slow = receiver not in self._fast
             self._busy[receiver] += 1
             self._slow_in_flight += slow
-            task = asyncio.create_task(self._attempt(delivery, receiver))
+            self._sending += 1
+            task = asyncio.create_task(self._attempt(delivery, receiver, slow))
             self._attempts.add(task)
-            task.add_done_callback(
-                lambda t, d=delivery, r=receiver, s=slow: self._attempt_done(t, d.job_id, r, s)
-            )
+            task.add_done_callback(lambda t, job_id=delivery.job_id: self._attempt_done(t, job_id))
             self._mark_ready(receiver)
 
-    def _attempt_done(self, task: asyncio.Task[None], job_id: str, receiver: str, slow: bool) -> None:
+    def _attempt_done(self, task: asyncio.Task[None], job_id: str) -> None:
         self._attempts.discard(task)
-        self._busy[receiver] -= 1
-        self._slow_in_flight -= slow
         if not task.cancelled() and task.exception() is not None:
             log.error("attempt for %s crashed; trying again in a minute", job_id, exc_info=task.exception())
             self.schedule(job_id, time.time() + 60)
+
+    def _slot_freed(self, receiver: str, slow: bool) -> None:
+        self._sending -= 1
+        self._busy[receiver] -= 1
+        self._slow_in_flight -= slow
         if self._busy[receiver] == 0 and not self._queues.get(receiver):
             del self._busy[receiver]
             self._queues.pop(receiver, None)
@@ -2673,7 +2676,7 @@ class DeliveryEngine:
             self._mark_ready(other)
         self._start_attempts()
 
-    async def _attempt(self, delivery: Delivery, receiver: str) -> None:
+    async def _attempt(self, delivery: Delivery, receiver: str, slow: bool) -> None:
         owner = self._store.instance
         number = delivery.attempts + 1
         started = time.time()
@@ -2687,6 +2690,10 @@ class DeliveryEngine:
         except Exception as exc:  # a fault of webhookd's: a failed attempt, retried as any other
             log.exception("attempt %d of %s raised", number, delivery.job_id)
             outcome = Outcome(None, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            # The receiver's slot is free once it has answered: the record below may wait for
+            # a commit to share, and holding the slot meanwhile capped a receiver's rate.
+            self._slot_freed(receiver, slow)
         seconds = time.perf_counter() - clock
         self._note_speed(receiver, outcome, seconds)
         status, next_attempt_at = self._next_step(delivery, number, outcome, time.time())
