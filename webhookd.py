@@ -2466,11 +2466,13 @@ class DeliveryEngine:
     Every delivery's next attempt time is in the db; in memory there is a heap of (monotonic
     time, job id) for the deliveries waiting for a retry, and the payload only of those about to
     be sent. Attempts run concurrently up to max_in_flight, shared round robin between receivers
-    (scheme, host, port), and a receiver's turns between the clients whose webhooks it takes. Each receiver's own limit adapts: it starts at one attempt at a time,
-    grows by one with each fast answer up to a quarter of the slots, and halves on a timeout or a
-    connection error. Receivers not known to answer fast (new ones, and those whose last answer
-    took over SLOW_SECONDS or never came) share at most half of the slots, so however many new
-    receivers hang at once, the ones known to be fast keep the other half.
+    (scheme, host, port), and a receiver's turns between the clients whose webhooks it takes; an
+    attempt holds its slot until the receiver has answered. Each receiver's own limit adapts: it
+    starts at one attempt at a time, grows by one with each fast answer up to a quarter of the
+    slots, and halves on a timeout or a connection error. Receivers not known to answer fast (new
+    ones, and those whose last answer took over SLOW_SECONDS or never came) share at most half of
+    the slots, so however many new receivers hang at once, the ones known to be fast keep the
+    other half.
     """
 
     SLOW_SECONDS = 1.0
@@ -2680,22 +2682,16 @@ class DeliveryEngine:
         owner = self._store.instance
         number = delivery.attempts + 1
         started = time.time()
-        clock = time.perf_counter()
         try:
-            outcome = await self._post(delivery, number, int(started))
+            outcome, seconds = await self._answer_timed(delivery, receiver, number, started)
         except OutOfFiles:  # the service's own fault: no attempt was made, and none is charged
             log.warning("no file descriptor free to send %s; trying again in %g s", delivery.job_id, OUT_OF_FILES_PAUSE)
             self.schedule(delivery.job_id, time.time() + OUT_OF_FILES_PAUSE)
             return
-        except Exception as exc:  # a fault of webhookd's: a failed attempt, retried as any other
-            log.exception("attempt %d of %s raised", number, delivery.job_id)
-            outcome = Outcome(None, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             # The receiver's slot is free once it has answered: the record below may wait for
             # a commit to share, and holding the slot meanwhile capped a receiver's rate.
             self._slot_freed(receiver, slow)
-        seconds = time.perf_counter() - clock
-        self._note_speed(receiver, outcome, seconds)
         status, next_attempt_at = self._next_step(delivery, number, outcome, time.time())
         await self._record_attempt(delivery, number, started, seconds, outcome, status, next_attempt_at)
         self._metrics.attempt_made(outcome.label, seconds, _target_or_invalid(delivery.url).host)
@@ -2708,6 +2704,21 @@ class DeliveryEngine:
             self._active.discard(delivery.job_id)
         else:
             self.schedule(delivery.job_id, next_attempt_at)
+
+    async def _answer_timed(self, delivery: Delivery, receiver: str, number: int,
+                            started: float) -> tuple[Outcome, float]:
+        """What the receiver made of the attempt and how long it took, its speed noted."""
+        clock = time.perf_counter()
+        try:
+            outcome = await self._post(delivery, number, int(started))
+        except OutOfFiles:
+            raise
+        except Exception as exc:  # a fault of webhookd's: a failed attempt, retried as any other
+            log.exception("attempt %d of %s raised", number, delivery.job_id)
+            outcome = Outcome(None, f"internal error: {type(exc).__name__}: {exc}")
+        seconds = time.perf_counter() - clock
+        self._note_speed(receiver, outcome, seconds)
+        return outcome, seconds
 
     def _note_speed(self, receiver: str, outcome: Outcome, seconds: float) -> None:
         limit = self._limits.pop(receiver, 1.0)
