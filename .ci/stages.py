@@ -8,9 +8,10 @@ Record while the shared bench's throughput scenario keeps webhookd saturated (it
 100 % of one core, webhookd and SQLite's thread both pinned to it); --us-per-job is that core's
 time over the jobs delivered meanwhile, 1e6 / the end-to-end jobs/s. Each sample goes to the first
 stage, in the order below, that one of its frames belongs to; the threads' waits for work are left
-out (webhookd runs its commits there through its own _commit_or_roll_back, which tells them
-apart from aiosqlite waiting for work). A sample of SQLite's thread waiting in fdatasync counts as its stage, though it leaves the
-core to the event loop: that stage is an upper bound. Prints each stage's share and µs a job.
+out (webhookd's commits run under its own _commit_or_roll_back, which tells them apart from
+aiosqlite waiting for work). A sample of SQLite's thread waiting in fdatasync counts as its
+stage, though it leaves the core to the event loop: that stage is an upper bound. Prints each
+stage's share and µs a job.
 py-spy installs from PyPI; not part of the test suite.
 """
 from __future__ import annotations
