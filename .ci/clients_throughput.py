@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from harness import STARTED, add_client, busy_seconds, cpu_seconds, free_port, ready, serve, stop
+from harness import add_client, busy_seconds, cpu_seconds, free_port, ready, run_measurement, serve, stop
 
 HERE = Path(__file__).resolve().parent.parent
 WARM_UP = 200
@@ -158,10 +157,6 @@ async def main(args: argparse.Namespace) -> None:
           + (f"; their median ratio {statistics.median(clean):.3f}" if clean else ""))
 
 
-def _stop_on(signum: int, frame: object) -> None:
-    raise SystemExit(f"stopped by signal {signum}")
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -174,16 +169,4 @@ if __name__ == "__main__":
     parser.add_argument("--webhookd", type=Path, default=HERE / "webhookd.py")
     arguments = parser.parse_args()
     arguments.webhookd = arguments.webhookd.resolve()
-    os.sched_setaffinity(0, {1})
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
-        signal.signal(signum, _stop_on)
-    signal.alarm(int(arguments.limit))
-    try:
-        from uvloop import run as run_loop
-    except ImportError:
-        run_loop = asyncio.run
-    try:
-        run_loop(main(arguments))
-    finally:
-        for started in STARTED:
-            stop(started)
+    run_measurement(main(arguments), arguments.limit)

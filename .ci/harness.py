@@ -11,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -76,3 +78,25 @@ async def ready(session: aiohttp.ClientSession, url: str, process: subprocess.Po
             pass
         await asyncio.sleep(0.1)
     raise SystemExit(f"{url} did not get ready in 30 s: {log.read_text()[-2000:]}")
+
+
+def run_measurement(work: Coroutine[Any, Any, None], limit: float) -> None:
+    """Run a measurement on CPU 1 (webhookd gets CPU 0) for at most `limit` seconds, and stop
+    every process it started, however it ends."""
+    os.sched_setaffinity(0, {1})
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+        signal.signal(signum, _stop_on)
+    signal.alarm(int(limit))
+    try:
+        from uvloop import run as run_loop
+    except ImportError:
+        run_loop = asyncio.run
+    try:
+        run_loop(work)
+    finally:
+        for started in STARTED:
+            stop(started)
+
+
+def _stop_on(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
